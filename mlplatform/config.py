@@ -1,0 +1,234 @@
+"""Typed config schemas (registered in Hydra's ConfigStore) and semantic validation.
+
+The schemas make a typo or a wrong type fail at compose time; `validate` adds the
+checks a type cannot express (fractions that sum to 1, existing paths) so that a bad
+value fails before any Ray work, with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mlplatform.errors import ConfigError
+
+# ----------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class PathsConf:
+    root: str = "./artifacts"
+
+
+@dataclass
+class RayConf:
+    # None starts a local Ray; "auto" or "ray://host:10001" joins a cluster.
+    address: str | None = None
+    num_cpus: int | None = None
+    include_dashboard: bool | None = None
+
+
+@dataclass
+class SplitsConf:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    # Changing the salt reshuffles every *new* image; images seen before keep their split.
+    salt: str = "splits-v1"
+
+
+@dataclass
+class DriftConf:
+    # Any of: brightness, blur, noise, color_cast, background.
+    kinds: list[str] = field(default_factory=list)
+    strength: float = 0.5
+
+
+@dataclass
+class SyntheticConf:
+    num_classes: int = 100
+    images_per_class: int = 100
+    image_size: int = 64
+    seed: int = 0
+    drift: DriftConf = field(default_factory=DriftConf)
+
+
+@dataclass
+class QualityConf:
+    min_images_per_class: int = 10
+    # Each split of each species needs at least this many images.
+    min_images_per_split: int = 1
+    max_unreadable_fraction: float = 0.01
+    # Perceptual-hash duplicates whose copies sit in different splits (a leak).
+    max_cross_split_duplicates: int = 0
+
+
+@dataclass
+class PreprocessConf:
+    image_size: int = 64
+    resize_size: int = 64
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    interpolation: str = "bilinear"
+
+
+@dataclass
+class DataConf:
+    name: str = MISSING
+    # synthetic: generate the species dataset into `root`; folder: read an ImageFolder tree.
+    source: str = MISSING
+    root: str = MISSING
+    synthetic: SyntheticConf = field(default_factory=SyntheticConf)
+    splits: SplitsConf = field(default_factory=SplitsConf)
+    # How much data: at most N images per species, only files modified on/after a date.
+    max_per_class: int | None = None
+    since: str | None = None
+    extensions: list[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"]
+    )
+    # Rows per Ray Data block when inspecting images (hashing, decoding, statistics).
+    inspect_batch_size: int = 256
+    quality: QualityConf = field(default_factory=QualityConf)
+    preprocess: PreprocessConf = field(default_factory=PreprocessConf)
+
+
+@dataclass
+class Config:
+    paths: PathsConf = field(default_factory=PathsConf)
+    ray: RayConf = field(default_factory=RayConf)
+    data: DataConf = field(default_factory=DataConf)
+    # Built through `_target_`; checked by instantiating it, so left untyped here.
+    model: Any = None
+    seed: int = 0
+
+
+def register_configs() -> None:
+    if not OmegaConf.has_resolver("mlp.join"):
+        OmegaConf.register_new_resolver("mlp.join", lambda items: "+".join(str(i) for i in items))
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="data", name="base_data", node=DataConf)
+
+
+# ----------------------------------------------------------------------------- semantics
+
+DRIFT_KINDS = ("brightness", "blur", "noise", "color_cast", "background")
+DATA_SOURCES = ("synthetic", "folder")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def _positive(key: str, value: int | float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(key, value, "must be a positive number")
+
+
+def _fraction(key: str, value: float, low_open: bool = True) -> None:
+    ok = (0 < value < 1) if low_open else (0 <= value <= 1)
+    if not ok or math.isnan(value):
+        raise ConfigError(key, value, "must be in (0, 1)" if low_open else "must be in [0, 1]")
+
+
+def parse_since(value: str) -> datetime:
+    """`data.since` as an aware UTC datetime; accepts a date or an ISO timestamp."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = datetime.combine(date.fromisoformat(value), datetime.min.time())
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def validate_data(data: DictConfig, key: str = "data") -> None:
+    if data.source not in DATA_SOURCES:
+        raise ConfigError(f"{key}.source", data.source, f"must be one of {', '.join(DATA_SOURCES)}")
+    splits = data.splits
+    for name in ("train", "val", "test"):
+        _fraction(f"{key}.splits.{name}", splits[name])
+    total = splits.train + splits.val + splits.test
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(
+            f"{key}.splits",
+            f"{splits.train}+{splits.val}+{splits.test}",
+            f"train+val+test must sum to 1, got {total:g}",
+        )
+    if data.source == "folder" and "://" not in data.root and not os.path.isdir(data.root):
+        raise ConfigError(f"{key}.root", data.root, "directory does not exist")
+    syn = data.synthetic
+    _positive(f"{key}.synthetic.num_classes", syn.num_classes)
+    _positive(f"{key}.synthetic.images_per_class", syn.images_per_class)
+    if syn.image_size < 16:
+        raise ConfigError(f"{key}.synthetic.image_size", syn.image_size, "must be at least 16")
+    for kind in syn.drift.kinds:
+        if kind not in DRIFT_KINDS:
+            raise ConfigError(
+                f"{key}.synthetic.drift.kinds", kind, f"unknown drift kind; one of {', '.join(DRIFT_KINDS)}"
+            )
+    _fraction(f"{key}.synthetic.drift.strength", syn.drift.strength, low_open=False)
+    _positive(f"{key}.max_per_class", data.max_per_class, allow_none=True)
+    if data.since is not None:
+        try:
+            parse_since(data.since)
+        except ValueError:
+            raise ConfigError(f"{key}.since", data.since, "not an ISO date (YYYY-MM-DD) or timestamp") from None
+    for ext in data.extensions:
+        if not ext.startswith("."):
+            raise ConfigError(f"{key}.extensions", ext, "each extension starts with a dot")
+    _positive(f"{key}.inspect_batch_size", data.inspect_batch_size)
+    q = data.quality
+    if q.min_images_per_class < 0:
+        raise ConfigError(f"{key}.quality.min_images_per_class", q.min_images_per_class, "must be >= 0")
+    if q.min_images_per_split < 0:
+        raise ConfigError(f"{key}.quality.min_images_per_split", q.min_images_per_split, "must be >= 0")
+    _fraction(f"{key}.quality.max_unreadable_fraction", q.max_unreadable_fraction, low_open=False)
+    if q.max_cross_split_duplicates < 0:
+        raise ConfigError(
+            f"{key}.quality.max_cross_split_duplicates", q.max_cross_split_duplicates, "must be >= 0"
+        )
+    p = data.preprocess
+    _positive(f"{key}.preprocess.image_size", p.image_size)
+    if p.resize_size < p.image_size:
+        raise ConfigError(f"{key}.preprocess.resize_size", p.resize_size, "must be >= preprocess.image_size")
+    if len(p.mean) != 3 or len(p.std) != 3:
+        raise ConfigError(f"{key}.preprocess.mean/std", f"{list(p.mean)}/{list(p.std)}", "need 3 values each (RGB)")
+    for i, s in enumerate(p.std):
+        if s <= 0:
+            raise ConfigError(f"{key}.preprocess.std[{i}]", s, "must be positive")
+    if p.interpolation not in INTERPOLATIONS:
+        raise ConfigError(
+            f"{key}.preprocess.interpolation", p.interpolation, f"must be one of {', '.join(INTERPOLATIONS)}"
+        )
+
+
+def validate_ray(ray_cfg: DictConfig) -> None:
+    addr = ray_cfg.address
+    if addr is not None and addr != "auto" and not addr.startswith("ray://") and ":" not in addr:
+        raise ConfigError("ray.address", addr, "use auto, ray://host:10001 or host:port")
+    _positive("ray.num_cpus", ray_cfg.num_cpus, allow_none=True)
+
+
+def validate_model(model: Any) -> None:
+    if model is None:
+        return
+    if not isinstance(model, DictConfig) or "_target_" not in model:
+        raise ConfigError("model", model, "needs a _target_")
+    weights = model.get("weights_path")
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise ConfigError("model.weights_path", weights, "file does not exist")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks for the whole config; raises ConfigError naming the first bad key."""
+    if not str(cfg.paths.root):
+        raise ConfigError("paths.root", cfg.paths.root, "must not be empty")
+    validate_ray(cfg.ray)
+    validate_data(cfg.data)
+    validate_model(cfg.get("model"))

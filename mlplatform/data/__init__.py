@@ -1,0 +1,1 @@
+"""Data: sources (synthetic species, ImageFolder), Ray Data ingest, splits, quality, snapshots."""

@@ -1,0 +1,88 @@
+"""The one preprocessing definition used by training, evaluation, offline prediction and serving.
+
+A registered model version stores its `PreprocessSpec` as a plain dict; every consumer
+rebuilds the same transform from it, so training/serving skew cannot creep in.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_INTERP = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    image_size: int = 64
+    resize_size: int = 64
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    labels: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        return cls(
+            image_size=int(d["image_size"]),
+            resize_size=int(d["resize_size"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+            labels=tuple(d.get("labels", ())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"], d["labels"] = list(self.mean), list(self.std), list(self.labels)
+        return d
+
+    def with_labels(self, labels: list[str]) -> PreprocessSpec:
+        return PreprocessSpec(self.image_size, self.resize_size, self.mean, self.std, self.interpolation,
+                              tuple(labels))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied, first frame only, any mode (CMYK, 16-bit, palette, alpha) to RGB."""
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / peak * 255.0).clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB")
+
+
+def decode(data: bytes) -> Image.Image:
+    """Bytes to an RGB image; raises PIL's errors for anything undecodable."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(img)
+
+
+def to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Resize the short side to resize_size, centre-crop image_size, normalise: float32 CHW."""
+    interp = _INTERP[spec.interpolation]
+    w, h = img.size
+    scale = spec.resize_size / min(w, h)
+    nw, nh = max(spec.image_size, round(w * scale)), max(spec.image_size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), interp)
+    left, top = (nw - spec.image_size) // 2, (nh - spec.image_size) // 2
+    img = img.crop((left, top, left + spec.image_size, top + spec.image_size))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    return to_array(decode(data), spec)

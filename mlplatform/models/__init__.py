@@ -1,0 +1,96 @@
+"""Model builders, referenced from `conf/model/*.yaml` through `_target_`.
+
+Every model is a `Classifier`: a body that maps images to a penultimate-layer embedding
+(what drift monitoring watches) and a linear head that maps the embedding to species scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_MODELS = ("mobilenet_v3_small", "resnet18", "resnet50", "efficientnet_b0")
+
+
+class Classifier(nn.Module):
+    def __init__(self, body: nn.Module, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class TinyBody(nn.Module):
+    """A few conv blocks and global pooling: learns the synthetic species in a minute on a CPU."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        chans = [3, width, width * 2, width * 4]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = chans[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+def _load_weights(model: nn.Module, weights_path: str) -> None:
+    """Local pretrained weights only (nothing is downloaded); a mismatched head is skipped."""
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"model.weights_path={weights_path}: file does not exist")
+    if weights_path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(weights_path)
+    else:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors from %s (skipped %d: %s)", len(usable), weights_path, len(skipped),
+             skipped[:5])
+
+
+def tiny_cnn(num_classes: int, width: int = 32, weights_path: str | None = None) -> Classifier:
+    body = TinyBody(width)
+    model = Classifier(body, body.out_dim, num_classes)
+    if weights_path:
+        _load_weights(model, weights_path)
+    return model
+
+
+def torchvision_model(name: str, num_classes: int, weights_path: str | None = None,
+                      dropout: float | None = None) -> Classifier:
+    """A torchvision architecture built with weights=None; its last Linear becomes our head."""
+    if name not in TORCHVISION_MODELS:
+        raise ValueError(f"model.name={name}: one of {', '.join(TORCHVISION_MODELS)}")
+    kwargs = {"dropout": dropout} if dropout is not None and name != "resnet18" and name != "resnet50" else {}
+    net = getattr(torchvision.models, name)(weights=None, **kwargs)
+    if weights_path:
+        _load_weights(net, weights_path)  # torchvision's own key names, e.g. an ImageNet checkpoint
+    last_name, last = None, None
+    for mod_name, mod in net.named_modules():
+        if isinstance(mod, nn.Linear):
+            last_name, last = mod_name, mod
+    assert last_name is not None and last is not None
+    parent = net.get_submodule(last_name.rsplit(".", 1)[0]) if "." in last_name else net
+    setattr(parent, last_name.rsplit(".", 1)[-1], nn.Identity())
+    return Classifier(net, last.in_features, num_classes)
