@@ -99,12 +99,126 @@ class DataConf:
 
 
 @dataclass
+class ScalingConf:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None
+
+
+@dataclass
+class CheckpointConf:
+    num_to_keep: int = 2
+    metric: str = "val/acc"
+    mode: str = "max"
+
+
+@dataclass
+class EarlyStoppingConf:
+    metric: str = "val/acc"
+    mode: str = "max"
+    patience: int = 3
+    min_delta: float = 0.0
+
+
+@dataclass
+class AugmentConf:
+    hflip: bool = True
+    # Random translation by up to this many pixels (zero padding, then a random crop).
+    translate: int = 4
+
+
+@dataclass
+class GateConf:
+    min_test_acc: float = 0.5
+    # Minimum gain of test/acc over the production version on the same test split.
+    min_gain: float = 0.0
+    # Largest allowed drop of any single species' recall against production.
+    max_recall_drop: float = 0.2
+    # Alias a blessed version gets; the very first blessed version also becomes production.
+    alias_on_bless: str = "candidate"
+
+
+@dataclass
+class ChaosConf:
+    # Kill the rank-0 training worker once, at the start of this epoch (fault-tolerance drills).
+    kill_worker_at_epoch: int | None = None
+
+
+@dataclass
+class TrainConf:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    optimizer: Any = None
+    scheduler: Any = None
+    label_smoothing: float = 0.0
+    augment: AugmentConf = field(default_factory=AugmentConf)
+    # Mixed precision on GPU: auto (bfloat16 where supported, else float16), off.
+    amp: str = "auto"
+    scaling: ScalingConf = field(default_factory=ScalingConf)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
+    max_failures: int = 2
+    # Validation images whose embeddings and predictions become the monitoring reference.
+    reference_samples: int = 500
+    torch_threads: int | None = None
+    gate: GateConf = field(default_factory=GateConf)
+    chaos: ChaosConf = field(default_factory=ChaosConf)
+    tune: Any = None
+
+
+@dataclass
+class WandbConf:
+    # offline needs neither network nor key; online needs WANDB_API_KEY; disabled turns it off.
+    mode: str = "offline"
+    project: str = "mlplatform"
+    entity: str | None = None
+    dir: str = MISSING
+    tags: list[str] = field(default_factory=list)
+    log_model: bool = True
+
+
+@dataclass
+class LoggerConf:
+    wandb: WandbConf | None = None
+
+
+@dataclass
+class RegistryConf:
+    root: str = MISSING
+    model_name: str = "species-classifier"
+    # +mode=registry registry.set_alias=production:v3 moves an alias.
+    set_alias: str | None = None
+
+
+@dataclass
+class EvaluateConf:
+    # A version id (v3) or an alias (production, candidate).
+    version: str = "production"
+    # test, val, train or all.
+    split: str = "test"
+
+
+@dataclass
+class PromoteConf:
+    # The version to judge: a version id, an alias, or "latest".
+    candidate: str = "latest"
+    baseline: str = "production"
+
+
+@dataclass
 class Config:
     paths: PathsConf = field(default_factory=PathsConf)
     ray: RayConf = field(default_factory=RayConf)
     data: DataConf = field(default_factory=DataConf)
     # Built through `_target_`; checked by instantiating it, so left untyped here.
     model: Any = None
+    train: TrainConf = field(default_factory=TrainConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    registry: RegistryConf = field(default_factory=RegistryConf)
+    evaluate: EvaluateConf = field(default_factory=EvaluateConf)
+    promote: PromoteConf = field(default_factory=PromoteConf)
     seed: int = 0
 
 
@@ -114,6 +228,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="data", name="base_data", node=DataConf)
+    cs.store(group="train", name="base_train", node=TrainConf)
 
 
 # ----------------------------------------------------------------------------- semantics
@@ -225,6 +340,47 @@ def validate_model(model: Any) -> None:
         raise ConfigError("model.weights_path", weights, "file does not exist")
 
 
+def validate_train(train: DictConfig) -> None:
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        _positive(f"train.{key}", train[key])
+    _positive("train.scaling.num_workers", train.scaling.num_workers)
+    _positive("train.scaling.cpus_per_worker", train.scaling.cpus_per_worker)
+    if train.scaling.gpus_per_worker is not None and train.scaling.gpus_per_worker < 0:
+        raise ConfigError("train.scaling.gpus_per_worker", train.scaling.gpus_per_worker, "must be >= 0")
+    if train.amp not in ("auto", "off", "bf16", "fp16"):
+        raise ConfigError("train.amp", train.amp, "must be one of auto, off, bf16, fp16")
+    for key in ("checkpoint", "early_stopping"):
+        if train[key].mode not in ("max", "min"):
+            raise ConfigError(f"train.{key}.mode", train[key].mode, "must be max or min")
+        if not train[key].metric.startswith("val/"):
+            raise ConfigError(f"train.{key}.metric", train[key].metric, "must be a val/ metric (val/acc, val/loss, val/top5)")
+    _positive("train.checkpoint.num_to_keep", train.checkpoint.num_to_keep)
+    if train.early_stopping.patience < 1:
+        raise ConfigError("train.early_stopping.patience", train.early_stopping.patience, "must be >= 1")
+    if train.max_failures < -1:
+        raise ConfigError("train.max_failures", train.max_failures, "must be >= -1 (-1: retry forever)")
+    if not 0 <= train.label_smoothing < 1:
+        raise ConfigError("train.label_smoothing", train.label_smoothing, "must be in [0, 1)")
+    if train.reference_samples < 0:
+        raise ConfigError("train.reference_samples", train.reference_samples, "must be >= 0")
+    for key in ("optimizer", "scheduler"):
+        node = train[key]
+        if key == "optimizer" and node is None:
+            raise ConfigError("train.optimizer", None, "needs a _target_ (e.g. torch.optim.AdamW)")
+        if node is not None and "_target_" not in node:
+            raise ConfigError(f"train.{key}", node, "needs a _target_")
+    g = train.gate
+    _fraction("train.gate.min_test_acc", g.min_test_acc, low_open=False)
+    _fraction("train.gate.max_recall_drop", g.max_recall_drop, low_open=False)
+
+
+def validate_logger(logger: DictConfig) -> None:
+    if logger.wandb is not None and logger.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError("logger.wandb.mode", logger.wandb.mode, "must be offline, online or disabled")
+    if logger.wandb is not None and logger.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("logger.wandb.mode", "online", "needs WANDB_API_KEY in the environment")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks for the whole config; raises ConfigError naming the first bad key."""
     if not str(cfg.paths.root):
@@ -232,3 +388,10 @@ def validate(cfg: DictConfig) -> None:
     validate_ray(cfg.ray)
     validate_data(cfg.data)
     validate_model(cfg.get("model"))
+    validate_train(cfg.train)
+    validate_logger(cfg.logger)
+    alias = cfg.registry.set_alias
+    if alias is not None and (alias.count(":") != 1 or not all(alias.split(":"))):
+        raise ConfigError("registry.set_alias", alias, "use alias:version, e.g. production:v3")
+    if cfg.evaluate.split not in ("train", "val", "test", "all"):
+        raise ConfigError("evaluate.split", cfg.evaluate.split, "must be train, val, test or all")

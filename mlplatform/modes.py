@@ -19,9 +19,37 @@ def _data(cfg: DictConfig) -> dict[str, Any]:
         return run_data(cfg)
 
 
+def _with_ray(module: str, func: str) -> Callable[[DictConfig], dict[str, Any]]:
+    def run(cfg: DictConfig) -> dict[str, Any]:
+        import importlib
+
+        from mlplatform.raycluster import ray_session
+
+        with ray_session(cfg.ray):
+            return getattr(importlib.import_module(module), func)(cfg)
+
+    run.__name__ = func
+    return run
+
+
+def _registry(cfg: DictConfig) -> dict[str, Any]:
+    from mlplatform.training.evaluate import run_registry
+
+    return run_registry(cfg)
+
+
 # Imports stay inside the functions: listing the modes or a config error must not pay for torch.
 MODES: dict[str, tuple[Callable[[DictConfig], dict[str, Any]], str]] = {
     "data": (_data, "ingest with Ray Data, split, check quality, write the snapshot manifest"),
+    "train": (_with_ray("mlplatform.training.job", "run_train"),
+              "train with Ray Train, evaluate, gate against production, register a version"),
+    "tune": (_with_ray("mlplatform.training.tune", "run_tune"),
+             "search hyperparameters with Ray Tune (ASHA); register the best trial"),
+    "evaluate": (_with_ray("mlplatform.training.evaluate", "run_evaluate"),
+                 "evaluate a registered version on any dataset and split; write a report"),
+    "promote": (_with_ray("mlplatform.training.evaluate", "run_promote"),
+                "judge a version against production with the promotion gate"),
+    "registry": (_registry, "list versions, metrics, aliases and lineage; registry.set_alias=alias:vN"),
 }
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 _INTERP = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -69,8 +70,11 @@ def decode(data: bytes) -> Image.Image:
     return to_rgb(img)
 
 
-def to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Resize the short side to resize_size, centre-crop image_size, normalise: float32 CHW."""
+def to_uint8(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Resize the short side to resize_size and centre-crop image_size: uint8 HWC.
+
+    Kept as uint8 so decoded datasets stay small in memory; `normalize` finishes the job.
+    """
     interp = _INTERP[spec.interpolation]
     w, h = img.size
     scale = spec.resize_size / min(w, h)
@@ -79,9 +83,27 @@ def to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         img = img.resize((nw, nh), interp)
     left, top = (nw - spec.image_size) // 2, (nh - spec.image_size) // 2
     img = img.crop((left, top, left + spec.image_size, top + spec.image_size))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(batch_hwc: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (..., H, W, 3) to normalised float32 (..., 3, H, W)."""
+    arr = batch_hwc.astype(np.float32) / 255.0
     arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.moveaxis(arr, -1, -3))
+
+
+def normalize_torch(batch_nhwc: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """The same as `normalize`, on a torch uint8 batch (N, H, W, 3), on any device."""
+    x = batch_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """The whole transform for one image: float32 CHW."""
+    return normalize(to_uint8(img, spec), spec)
 
 
 def preprocess_bytes(data: bytes, spec: PreprocessSpec) -> np.ndarray:

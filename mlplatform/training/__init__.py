@@ -1,0 +1,1 @@
+"""Training: Ray Train and Tune, evaluation, the promotion gate, model cards."""

@@ -1,0 +1,186 @@
+"""`+mode=train`: snapshot -> Ray Train -> test metrics -> gate -> registry -> model card."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+from omegaconf import DictConfig, OmegaConf
+from ray.train.torch import TorchTrainer
+
+from mlplatform import storage
+from mlplatform.data import snapshot as snapshots
+from mlplatform.data.job import run_data
+from mlplatform.data.preprocess import PreprocessSpec
+from mlplatform.errors import JobFailed
+from mlplatform.registry import Registry, RegistryError, git_commit
+from mlplatform.training import card, datasets
+from mlplatform.training import metrics as M
+from mlplatform.training.evaluate import evaluate_version
+from mlplatform.training.gate import judge
+from mlplatform.training.loop import chaos_dir, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def registry_for(cfg: DictConfig) -> Registry:
+    return Registry(storage.resolve_root(cfg.registry.root), cfg.registry.model_name)
+
+
+def prepare(cfg: DictConfig) -> tuple[snapshots.Snapshot, PreprocessSpec, dict[str, ray.data.Dataset]]:
+    """Run the data job (cached), then decode the splits into Ray Datasets."""
+    data_summary = run_data(cfg)
+    snap = snapshots.load(data_summary["snapshot_dir"])
+    spec = PreprocessSpec.from_dict(OmegaConf.to_container(cfg.data.preprocess, resolve=True))
+    spec = spec.with_labels(snap.labels)
+    bs = cfg.train.eval_batch_size
+    val_items = datasets.split_items(snap, "val", snap.labels)
+    rng = np.random.default_rng(cfg.seed)
+    n_ref = min(cfg.train.reference_samples, len(val_items))
+    ref_items = [val_items[i] for i in sorted(rng.choice(len(val_items), n_ref, replace=False))] if n_ref else []
+    dsets = {
+        "train": datasets.build(datasets.split_items(snap, "train", snap.labels), spec, bs),
+        "val": datasets.build(val_items, spec, bs),
+        "test": datasets.build(datasets.split_items(snap, "test", snap.labels), spec, bs),
+        "reference": datasets.build(ref_items or val_items[:1], spec, bs),
+    }
+    return snap, spec, dsets
+
+
+def make_trainer(cfg: DictConfig, resolved: dict[str, Any], spec: PreprocessSpec,
+                 dsets: dict[str, ray.data.Dataset], run_name: str, storage_path: str,
+                 overrides: dict[str, Any] | None = None,
+                 callbacks: list | None = None) -> TorchTrainer:
+    t = cfg.train
+    resources = {"CPU": float(t.scaling.cpus_per_worker)}
+    if t.scaling.use_gpu:
+        resources["GPU"] = float(t.scaling.gpus_per_worker or 1)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": resolved, "labels": list(spec.labels), "spec": spec.to_dict(),
+                           "run_id": run_name, "run_name": run_name, "overrides": overrides or {},
+                           "chaos_dir": chaos_dir(storage_path, run_name)},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.scaling.num_workers, use_gpu=t.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path, callbacks=callbacks or None,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint.num_to_keep,
+                                                         checkpoint_score_attribute=t.checkpoint.metric,
+                                                         checkpoint_score_order=t.checkpoint.mode),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets=dsets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+    )
+
+
+def fit(trainer: TorchTrainer, name: str) -> ray.train.Result:
+    """Run the trainer; a run that exhausts its retries is a failed job, not a traceback."""
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise JobFailed(f"training failed after retries: {str(exc).splitlines()[0][:500]}",
+                        {"mode": "train", "run": name}) from exc
+    if result.error is not None:
+        raise JobFailed(f"training failed: {result.error}", {"mode": "train", "run": name})
+    return result
+
+
+def run_name(prefix: str) -> str:
+    return f"{prefix}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _reference_npz(ref: dict[str, Any], num_classes: int) -> bytes:
+    preds = ref["logits"].argmax(1) if len(ref["logits"]) else np.zeros(0, np.int64)
+    freq = np.bincount(preds, minlength=num_classes).astype(np.float64)
+    freq = freq / max(freq.sum(), 1)
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=ref["embeddings"].astype(np.float32), predictions=preds.astype(np.int64),
+             predicted_class_frequencies=freq, probs=M.softmax(ref["logits"]).astype(np.float32))
+    return buf.getvalue()
+
+
+def register_result(cfg: DictConfig, out: dict[str, Any], snap: snapshots.Snapshot, spec: PreprocessSpec,
+                    source: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Judge the run against production, register it as a new version with its model card."""
+    reg = registry_for(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    test = out["test"]
+    baseline, baseline_version = None, None
+    if "production" in reg.aliases():
+        baseline_version = reg.resolve("production")
+        baseline = evaluate_version(reg, baseline_version, snap, "test", cfg.train.eval_batch_size)["summary"]
+    verdict = judge(test, baseline, cfg.train.gate, baseline_version=baseline_version)
+    scalars = M.scalar_metrics(test)
+    counts = {s: sum(c.values()) for s, c in snap.counts().items()}
+    meta = {
+        "model_name": cfg.registry.model_name,
+        "source": source,
+        "labels": list(spec.labels),
+        "preprocess": spec.to_dict(),
+        "metrics": scalars,
+        "test_summary": test,
+        "history": out["history"],
+        "training": {k: out[k] for k in ("best_epoch", "epochs_run", "best_val", "early_stopped")},
+        "data_snapshot": {"name": cfg.data.name, "hash": snap.hash, "dir": snap.dir,
+                          "num_images": len(snap.entries), "splits": counts},
+        "config": resolved,
+        "git_commit": git_commit(),
+        "parent": baseline_version,
+        "gate": verdict,
+        "wandb_dir": out.get("wandb_dir"),
+        **(extra or {}),
+    }
+    files = {
+        "label_map.json": json.dumps({n: i for i, n in enumerate(spec.labels)}, indent=2).encode(),
+        "preprocess.json": json.dumps(spec.to_dict(), indent=2).encode(),
+        "metrics.json": json.dumps(test, indent=2).encode(),
+        "confusion_matrix.png": out["confusion_png"],
+        "reliability.png": out["reliability_png"],
+        "reference.npz": _reference_npz(out["reference"], len(spec.labels)),
+    }
+    state = {k: torch.from_numpy(np.asarray(v)) for k, v in out["state"].items()}
+    version = reg.register(state, meta, files,
+                           late_files=lambda v: {"model_card.md": card.render(meta, v).encode()})
+    verdict["candidate"] = version
+    aliases = reg.aliases()
+    if verdict["blessed"]:
+        reg.set_alias(cfg.train.gate.alias_on_bless, version)
+        if "production" not in aliases:  # the very first blessed model bootstraps production
+            reg.set_alias("production", version)
+    return {
+        "version": version,
+        "registry": reg.model_dir,
+        "model_card": reg.path(version, "model_card.md"),
+        "metrics": scalars,
+        "gate": {"verdict": verdict["verdict"], "reasons": verdict["reasons"], "baseline": baseline_version},
+        "aliases": reg.aliases(),
+        "data_snapshot": snap.hash[:12],
+    }
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    started = time.time()
+    snap, spec, dsets = prepare(cfg)
+    name = run_name("train")
+    storage_path = storage.join(storage.resolve_root(cfg.paths.root), "ray_results")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    trainer = make_trainer(cfg, resolved, spec, dsets, name, storage_path)
+    result = fit(trainer, name)
+    out = result.return_value
+    try:
+        reg_summary = register_result(cfg, out, snap, spec, source="train",
+                                      extra={"ray_train_run": result.path})
+    except RegistryError as exc:
+        raise JobFailed(f"registry: {exc}", {"mode": "train", "run": name}) from exc
+    return {"mode": "train", "run": name, "ray_train_path": result.path, **reg_summary,
+            "epochs_run": out["epochs_run"], "best_epoch": out["best_epoch"],
+            "wandb_dir": out.get("wandb_dir"), "seconds": round(time.time() - started, 1)}

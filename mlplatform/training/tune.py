@@ -1,0 +1,93 @@
+"""`+mode=tune`: Ray Tune drives a function that runs a TorchTrainer (the Train V2 pattern).
+
+The search space lives in YAML (conf/train/tune/*.yaml) as Tune sampling functions built
+through `_target_`; ASHA stops weak trials early; the best trial is registered like a
+training run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from typing import Any
+
+import ray.tune
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mlplatform import storage
+from mlplatform.errors import ConfigError, JobFailed
+from mlplatform.training.job import make_trainer, prepare, register_result, run_name
+
+log = logging.getLogger(__name__)
+
+
+def _trial(config: dict[str, Any], cfg_container: dict[str, Any], spec_labels: Any, dsets: dict,
+           tune_name: str, storage_path: str) -> dict[str, Any]:
+    """One trial: a full distributed training run whose epochs are reported to Tune."""
+    cfg = OmegaConf.create(cfg_container)
+    ctx = ray.tune.get_context()
+    name = f"{tune_name}-{ctx.get_trial_id()}"
+    spec = spec_labels
+    trainer = make_trainer(cfg, cfg_container, spec, dsets, name, storage_path, overrides=config,
+                           callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    out = result.return_value
+    out_path = os.path.join(storage_path, tune_name, "trial-outputs", f"{ctx.get_trial_id()}.pkl")
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "wb") as f:
+        pickle.dump({"out": out, "overrides": config, "ray_train_run": result.path}, f)
+    return {"output": out_path}
+
+
+def search_space(tune_cfg: DictConfig) -> dict[str, Any]:
+    space = {}
+    for item in tune_cfg.search_space:
+        log.info("search space %s: %s", item.key, item.sampler.get("_target_", item.sampler))
+        space[item.key] = instantiate(item.sampler) if "_target_" in item.sampler else item.sampler
+    return space
+
+
+def run_tune(cfg: DictConfig) -> dict[str, Any]:
+    tcfg = cfg.train.tune
+    if tcfg is None:
+        raise ConfigError("train.tune", None, "choose a search space, e.g. train/tune=asha")
+    started = time.time()
+    snap, spec, dsets = prepare(cfg)
+    name = run_name("tune")
+    storage_path = storage.join(storage.resolve_root(cfg.paths.root), "ray_results")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    log.info("scheduler: %s", tcfg.scheduler._target_)
+    scheduler = instantiate(tcfg.scheduler)
+    trainable = ray.tune.with_parameters(_trial, cfg_container=resolved, spec_labels=spec, dsets=dsets,
+                                         tune_name=name, storage_path=storage_path)
+    # The trial function only drives a TorchTrainer; its workers hold the real resources.
+    trainable = ray.tune.with_resources(trainable, {"cpu": float(tcfg.driver_cpus)})
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space=search_space(tcfg),
+        tune_config=ray.tune.TuneConfig(metric=tcfg.metric, mode=tcfg.mode, scheduler=scheduler,
+                                        num_samples=tcfg.num_samples,
+                                        max_concurrent_trials=tcfg.max_concurrent_trials),
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage_path),
+    )
+    grid = tuner.fit()
+    finished = [r for r in grid if r.error is None and r.metrics and "output" in r.metrics]
+    if not finished:
+        errors = [str(r.error) for r in grid if r.error is not None]
+        raise JobFailed(f"no tune trial finished: {errors[:3]}", {"mode": "tune", "run": name})
+    # ASHA-stopped trials never return; rank by the metric their training reached.
+    best = max(finished, key=lambda r: r.metrics.get(tcfg.metric, float("-inf")) * (1 if tcfg.mode == "max" else -1))
+    with open(best.metrics["output"], "rb") as f:
+        payload = pickle.load(f)
+    trials = [{"trial": r.metrics.get("trial_id"), "config": r.config,
+               tcfg.metric: r.metrics.get(tcfg.metric), "error": str(r.error) if r.error else None}
+              for r in grid]
+    reg_summary = register_result(cfg, payload["out"], snap, spec, source="tune",
+                                  extra={"tune_run": name, "tune_best_config": payload["overrides"],
+                                         "ray_train_run": payload["ray_train_run"]})
+    return {"mode": "tune", "run": name, "trials": trials, "num_trials": len(trials),
+            "best_config": payload["overrides"], **reg_summary, "seconds": round(time.time() - started, 1)}
