@@ -23,9 +23,10 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Today's most complete end-to-end path: the data job on the default synthetic species.
+# Today's most complete end-to-end path: data snapshot, training, gate, registry, model card
+# on the default synthetic species (the data job runs first inside +mode=train).
 run: install
-	$(BIN)/python run.py +mode=data $(ARGS)
+	$(BIN)/python run.py +mode=train $(ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -35,6 +36,7 @@ lint: install-dev
 
 bench: install-dev
 	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_train.py
 
 clean:
 	rm -rf artifacts outputs .pytest_cache .ruff_cache

@@ -32,6 +32,13 @@ def _mode_from_argv(argv: list[str]) -> str | None:
     return None
 
 
+def _summary_line(summary: dict) -> None:
+    """The mode's last line: JSON on a line of its own, even after progress bars on stderr."""
+    sys.stderr.write("\n")
+    sys.stderr.flush()
+    print(json.dumps(summary, default=str), flush=True)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     mode = HydraConfig.get().runtime.choices.get("mode")
@@ -43,9 +50,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except JobFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        print(json.dumps({**exc.summary, "status": "failed", "error": str(exc)}, default=str), flush=True)
+        _summary_line({**exc.summary, "status": "failed", "error": str(exc)})
         sys.exit(1)
-    print(json.dumps({**summary, "status": "ok"}, default=str), flush=True)
+    _summary_line({**summary, "status": "ok"})
 
 
 def cli() -> None:

@@ -65,3 +65,41 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def read_offline_run(wandb_file: str) -> dict[str, Any]:
+    """The records of an offline `.wandb` file (history rows, record counts), without the network.
+
+    The file is a LevelDB-style log (a 7-byte W&B header, then 32 KiB blocks of chunks)
+    of protobuf `Record`s; this lets tests and users check what a run recorded before syncing.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(wandb_file, "rb").read()
+    block, pos, pending = 32768, 7, b""
+    history: list[dict[str, Any]] = []
+    kinds: dict[str, int] = {}
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        name = record.WhichOneof("record_type")
+        kinds[name] = kinds.get(name, 0) + 1
+        if name == "history":
+            history.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                            for i in record.history.item})
+    return {"history": history, "record_counts": kinds}

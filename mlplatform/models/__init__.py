@@ -78,14 +78,23 @@ def tiny_cnn(num_classes: int, width: int = 32, weights_path: str | None = None)
 
 
 def torchvision_model(name: str, num_classes: int, weights_path: str | None = None,
-                      dropout: float | None = None) -> Classifier:
-    """A torchvision architecture built with weights=None; its last Linear becomes our head."""
+                      dropout: float | None = None, bn_momentum: float | None = None) -> Classifier:
+    """A torchvision architecture built with weights=None; its last Linear becomes our head.
+
+    `bn_momentum` overrides BatchNorm's running-statistics momentum: MobileNetV3 and
+    EfficientNet ship 0.01, tuned for long ImageNet runs, which leaves the running
+    statistics far behind the weights in a short from-scratch run (eval accuracy at chance).
+    """
     if name not in TORCHVISION_MODELS:
         raise ValueError(f"model.name={name}: one of {', '.join(TORCHVISION_MODELS)}")
     kwargs = {"dropout": dropout} if dropout is not None and name != "resnet18" and name != "resnet50" else {}
     net = getattr(torchvision.models, name)(weights=None, **kwargs)
     if weights_path:
         _load_weights(net, weights_path)  # torchvision's own key names, e.g. an ImageNet checkpoint
+    if bn_momentum is not None:
+        for mod in net.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.momentum = bn_momentum
     last_name, last = None, None
     for mod_name, mod in net.named_modules():
         if isinstance(mod, nn.Linear):

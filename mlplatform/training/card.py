@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -15,7 +16,7 @@ def render(meta: dict[str, Any], version: str) -> str:
     lines = [
         f"# Model card: {meta.get('model_name', 'model')} {version}",
         "",
-        f"Generated from the registry entry on {meta.get('created_hint', meta.get('created', ''))}; "
+        f"Generated from the registry entry on {datetime.now(UTC).isoformat(timespec='seconds')}; "
         "do not edit by hand.",
         "",
         "## Intended use",

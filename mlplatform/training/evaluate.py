@@ -149,7 +149,8 @@ def run_registry(cfg: DictConfig) -> dict[str, Any]:
     for r in rows:
         acc = f"{r['test/acc']:.4f}" if r["test/acc"] is not None else "-"
         f1 = f"{r['test/macro_f1']:.4f}" if r["test/macro_f1"] is not None else "-"
-        data = str((r["lineage"].get("data_snapshot") or "-"))[:12]
+        snap = r["lineage"].get("data_snapshot") or {}
+        data = str(snap.get("hash", "-") if isinstance(snap, dict) else snap)[:12]
         print(f"{r['version']:<8} {','.join(r['aliases']) or '-':<24} {acc:>9} {f1:>9} {str(r['gate']):<9} "
               f"{data:<13} {str(r['lineage'].get('parent') or '-'):<7} {r['created']}")
     return {"mode": "registry", "registry": reg.model_dir, "versions": [r["version"] for r in rows],

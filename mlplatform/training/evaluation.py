@@ -35,13 +35,15 @@ def forward_batches(model: torch.nn.Module, batches: Iterable[dict[str, Any]], s
     model.eval()
     all_logits, all_labels, all_emb = [], [], []
     for batch in batches:
-        x = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
+        image = batch["image"]  # Ray Data hands out read-only numpy arrays: copy, then move
+        x = (torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) else image).to(device)
         x = normalize_torch(x, spec)
         with autocast(device, dtype):
             emb = model.embed(x)
             logits = model.head(emb)
         all_logits.append(logits.float().cpu().numpy())
-        all_labels.append(np.asarray(torch.as_tensor(batch["label"]).cpu().numpy(), np.int64))
+        labels = batch["label"]
+        all_labels.append(np.array(labels.cpu() if isinstance(labels, torch.Tensor) else labels, np.int64))
         if embeddings:
             all_emb.append(emb.float().cpu().numpy())
     if not all_logits:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import ray.data
 import ray.train
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +27,7 @@ from mlplatform.training import card, datasets
 from mlplatform.training import metrics as M
 from mlplatform.training.evaluate import evaluate_version
 from mlplatform.training.gate import judge
-from mlplatform.training.loop import chaos_dir, train_loop_per_worker
+from mlplatform.training.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ def registry_for(cfg: DictConfig) -> Registry:
 def prepare(cfg: DictConfig) -> tuple[snapshots.Snapshot, PreprocessSpec, dict[str, ray.data.Dataset]]:
     """Run the data job (cached), then decode the splits into Ray Datasets."""
     data_summary = run_data(cfg)
+    # Per-epoch progress bars from every worker drown the epoch metrics; W&B and the
+    # JSON summary carry the progress instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     snap = snapshots.load(data_summary["snapshot_dir"])
     spec = PreprocessSpec.from_dict(OmegaConf.to_container(cfg.data.preprocess, resolve=True))
     spec = spec.with_labels(snap.labels)
@@ -46,8 +50,12 @@ def prepare(cfg: DictConfig) -> tuple[snapshots.Snapshot, PreprocessSpec, dict[s
     rng = np.random.default_rng(cfg.seed)
     n_ref = min(cfg.train.reference_samples, len(val_items))
     ref_items = [val_items[i] for i in sorted(rng.choice(len(val_items), n_ref, replace=False))] if n_ref else []
+    # Manifests are sorted by species: shuffle once here, or every block (and so every
+    # batch drawn from the local shuffle buffer) would hold only a handful of species.
+    train_items = datasets.split_items(snap, "train", snap.labels)
+    train_items = [train_items[i] for i in rng.permutation(len(train_items))]
     dsets = {
-        "train": datasets.build(datasets.split_items(snap, "train", snap.labels), spec, bs),
+        "train": datasets.build(train_items, spec, bs),
         "val": datasets.build(val_items, spec, bs),
         "test": datasets.build(datasets.split_items(snap, "test", snap.labels), spec, bs),
         "reference": datasets.build(ref_items or val_items[:1], spec, bs),
@@ -67,7 +75,7 @@ def make_trainer(cfg: DictConfig, resolved: dict[str, Any], spec: PreprocessSpec
         train_loop_per_worker,
         train_loop_config={"cfg": resolved, "labels": list(spec.labels), "spec": spec.to_dict(),
                            "run_id": run_name, "run_name": run_name, "overrides": overrides or {},
-                           "chaos_dir": chaos_dir(storage_path, run_name)},
+                           "chaos_dir": storage.join(storage_path, run_name, "chaos")},
         scaling_config=ray.train.ScalingConfig(num_workers=t.scaling.num_workers, use_gpu=t.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -129,7 +137,8 @@ def register_result(cfg: DictConfig, out: dict[str, Any], snap: snapshots.Snapsh
         "metrics": scalars,
         "test_summary": test,
         "history": out["history"],
-        "training": {k: out[k] for k in ("best_epoch", "epochs_run", "best_val", "early_stopped")},
+        "training": {k: out.get(k) for k in ("best_epoch", "epochs_run", "best_val", "early_stopped",
+                                             "resumed_from_epoch")},
         "data_snapshot": {"name": cfg.data.name, "hash": snap.hash, "dir": snap.dir,
                           "num_images": len(snap.entries), "splits": counts},
         "config": resolved,
@@ -147,7 +156,7 @@ def register_result(cfg: DictConfig, out: dict[str, Any], snap: snapshots.Snapsh
         "reliability.png": out["reliability_png"],
         "reference.npz": _reference_npz(out["reference"], len(spec.labels)),
     }
-    state = {k: torch.from_numpy(np.asarray(v)) for k, v in out["state"].items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in out["state"].items()}
     version = reg.register(state, meta, files,
                            late_files=lambda v: {"model_card.md": card.render(meta, v).encode()})
     verdict["candidate"] = version
@@ -183,4 +192,5 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         raise JobFailed(f"registry: {exc}", {"mode": "train", "run": name}) from exc
     return {"mode": "train", "run": name, "ray_train_path": result.path, **reg_summary,
             "epochs_run": out["epochs_run"], "best_epoch": out["best_epoch"],
+            "resumed_from_epoch": out.get("resumed_from_epoch"),
             "wandb_dir": out.get("wandb_dir"), "seconds": round(time.time() - started, 1)}

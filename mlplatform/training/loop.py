@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from mlplatform import storage
 from mlplatform.data.preprocess import PreprocessSpec, normalize_torch
 from mlplatform.tracking import Tracker
 from mlplatform.training import metrics as M
@@ -116,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
         bad_epochs, history, best_state = state["bad_epochs"], state["history"], state["best_state"]
         log.info("resumed from checkpoint after epoch %d", state["epoch"])
+    resumed_from = start_epoch if checkpoint is not None else None
 
     tracker = Tracker(cfg["logger"]["wandb"], config["run_id"], config["run_name"], cfg) if rank == 0 else None
     es, ck = tcfg["early_stopping"], tcfg["checkpoint"]
@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         model.train()
         loss_sum, n_seen = 0.0, 0
         for batch in train_shard.iter_torch_batches(batch_size=tcfg["batch_size"], device=device,
-                                                    local_shuffle_buffer_size=4 * tcfg["batch_size"],
+                                                    local_shuffle_buffer_size=8 * tcfg["batch_size"],
                                                     local_shuffle_seed=cfg["seed"] + epoch):
             x = _augment(batch["image"], tcfg["augment"]["hflip"], tcfg["augment"]["translate"], gen)
             x = normalize_torch(x, spec)
@@ -139,7 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             n_seen += len(y)
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
@@ -187,7 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return _finish(model, best_state, labels, spec, device, dtype, cfg, tracker,
                    {"best_epoch": best_epoch, "epochs_run": epoch + 1, "best_val": best,
-                    "early_stopped": epoch + 1 < tcfg["epochs"], "history": history})
+                    "early_stopped": epoch + 1 < tcfg["epochs"], "history": history,
+                    "resumed_from_epoch": resumed_from})
 
 
 def _finish(model: torch.nn.Module, best_state: dict[str, torch.Tensor] | None, labels: list[str],
@@ -234,6 +235,3 @@ def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
         d = d[k]
     d[keys[-1]] = value
 
-
-def chaos_dir(paths_root: str, run_name: str) -> str:
-    return storage.join(paths_root, "ray_results", run_name, "chaos")

@@ -40,7 +40,8 @@ def _trial(config: dict[str, Any], cfg_container: dict[str, Any], spec_labels: A
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "wb") as f:
         pickle.dump({"out": out, "overrides": config, "ray_train_run": result.path}, f)
-    return {"output": out_path}
+    # The final result repeats the last epoch's metrics: Tune checks it holds its metric.
+    return {**out["history"][-1], "output": out_path}
 
 
 def search_space(tune_cfg: DictConfig) -> dict[str, Any]:
@@ -49,6 +50,18 @@ def search_space(tune_cfg: DictConfig) -> dict[str, Any]:
         log.info("search space %s: %s", item.key, item.sampler.get("_target_", item.sampler))
         space[item.key] = instantiate(item.sampler) if "_target_" in item.sampler else item.sampler
     return space
+
+
+def _fit_concurrency(cfg: DictConfig, wanted: int) -> int:
+    """Cap concurrent trials so one CPU stays free for Ray Data: trials whose workers hold
+    every CPU wait forever for the data tasks that feed them."""
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    per_trial = cfg.train.scaling.num_workers * cfg.train.scaling.cpus_per_worker
+    fits = max(1, int((cpus - 1) // per_trial)) if per_trial > 0 else wanted
+    if wanted > fits:
+        log.warning("train.tune.max_concurrent_trials=%d does not fit %g CPUs with %g CPUs per trial: "
+                    "running %d at a time", wanted, cpus, per_trial, fits)
+    return min(wanted, fits)
 
 
 def run_tune(cfg: DictConfig) -> dict[str, Any]:
@@ -61,17 +74,21 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
     storage_path = storage.join(storage.resolve_root(cfg.paths.root), "ray_results")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     log.info("scheduler: %s", tcfg.scheduler._target_)
-    scheduler = instantiate(tcfg.scheduler)
+    # ASHA stops a trial when it reaches max_t reports; at max_t == epochs it would stop every
+    # trial on its last epoch, before the trial returns its test metrics and weights.
+    sched_kwargs = {"max_t": cfg.train.epochs + 1} if "max_t" not in tcfg.scheduler else {}
+    scheduler = instantiate(tcfg.scheduler, **sched_kwargs)
     trainable = ray.tune.with_parameters(_trial, cfg_container=resolved, spec_labels=spec, dsets=dsets,
                                          tune_name=name, storage_path=storage_path)
     # The trial function only drives a TorchTrainer; its workers hold the real resources.
     trainable = ray.tune.with_resources(trainable, {"cpu": float(tcfg.driver_cpus)})
+    concurrent = _fit_concurrency(cfg, tcfg.max_concurrent_trials)
     tuner = ray.tune.Tuner(
         trainable,
         param_space=search_space(tcfg),
         tune_config=ray.tune.TuneConfig(metric=tcfg.metric, mode=tcfg.mode, scheduler=scheduler,
                                         num_samples=tcfg.num_samples,
-                                        max_concurrent_trials=tcfg.max_concurrent_trials),
+                                        max_concurrent_trials=concurrent),
         run_config=ray.tune.RunConfig(name=name, storage_path=storage_path),
     )
     grid = tuner.fit()
@@ -83,7 +100,7 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
     best = max(finished, key=lambda r: r.metrics.get(tcfg.metric, float("-inf")) * (1 if tcfg.mode == "max" else -1))
     with open(best.metrics["output"], "rb") as f:
         payload = pickle.load(f)
-    trials = [{"trial": r.metrics.get("trial_id"), "config": r.config,
+    trials = [{"trial": r.metrics.get("trial_id"), "config": r.config, "finished": r in finished,
                tcfg.metric: r.metrics.get(tcfg.metric), "error": str(r.error) if r.error else None}
               for r in grid]
     reg_summary = register_result(cfg, payload["out"], snap, spec, source="tune",

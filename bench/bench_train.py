@@ -1,0 +1,131 @@
+"""Training throughput: the platform's Ray Train path against a plain PyTorch loop.
+
+Same model, data, batch size, optimizer and epoch count, in one run. The plain loop holds
+the decoded split in memory and does exactly the per-epoch work of the Ray Train worker
+(augment, normalise, forward, backward, validate) in this process, with no Ray at all.
+
+Prints a table and writes bench/results/train.json.
+Usage: python bench/bench_train.py [--model tiny_cnn|mobilenet_v3_small] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from mlplatform import storage
+from mlplatform.config import register_configs, validate
+from mlplatform.data.preprocess import decode, normalize_torch, to_uint8
+from mlplatform.training import datasets
+from mlplatform.training.job import fit, make_trainer, prepare, run_name
+from mlplatform.training.loop import _augment
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def plain_loop(cfg, snap, spec) -> dict[str, float]:
+    """What a user would write without the platform: one process, tensors in memory."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        items = datasets.split_items(snap, split, snap.labels)
+        x = np.stack([to_uint8(decode(storage.read_bytes(it["path"])), spec) for it in items])
+        return torch.from_numpy(x), torch.tensor([it["label"] for it in items])
+
+    xt, yt = load("train")
+    xv, yv = load("val")
+    model = instantiate(cfg.model, num_classes=len(snap.labels))
+    opt = instantiate(cfg.train.optimizer)(params=model.parameters())
+    sched = instantiate(cfg.train.scheduler)(optimizer=opt)
+    bs, epoch_times = cfg.train.batch_size, []
+    for _ in range(cfg.train.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(yt), generator=gen)
+        for i in range(0, len(yt), bs):
+            idx = perm[i:i + bs]
+            x = normalize_torch(_augment(xt[idx], cfg.train.augment.hflip, cfg.train.augment.translate, gen), spec)
+            loss = F.cross_entropy(model(x), yt[idx], label_smoothing=cfg.train.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(yv), cfg.train.eval_batch_size):
+                model(normalize_torch(xv[i:i + cfg.train.eval_batch_size], spec))
+        epoch_times.append(time.perf_counter() - t0)
+    return {"n_train": len(yt), "epoch_seconds": epoch_times}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="mobilenet_v3_small")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--species", type=int, default=20)
+    ap.add_argument("--per-class", type=int, default=60)
+    # Ray gives a 1-CPU worker one intra-op thread (OMP_NUM_THREADS=1); the plain loop uses
+    # every core. --torch-threads 2 gives the worker the same threads as the baseline.
+    ap.add_argument("--torch-threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
+    args = ap.parse_args()
+    register_configs()
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = ["+mode=train", "+experiment=smoke", f"model={args.model}", f"paths.root={tmp}",
+                     "logger=none", f"train.epochs={args.epochs}", "train.batch_size=64",
+                     "train.early_stopping.patience=100", f"data.synthetic.num_classes={args.species}",
+                     f"data.synthetic.images_per_class={args.per_class}", "data.synthetic.image_size=64",
+                     f"train.torch_threads={args.torch_threads}"]
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        validate(cfg)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        snap, spec, dsets = prepare(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        name = run_name("bench")
+        t0 = time.perf_counter()
+        result = fit(make_trainer(cfg, resolved, spec, dsets, name, storage.join(tmp, "ray_results")), name)
+        ray_total = time.perf_counter() - t0
+        ray_epochs = [h["epoch_seconds"] for h in result.return_value["history"]]
+        n_train = result.return_value["history"][0]["train/images"]
+        ray.shutdown()
+        plain = plain_loop(cfg, snap, spec)
+
+    ray_steady = n_train / statistics.median(ray_epochs)
+    plain_steady = plain["n_train"] / statistics.median(plain["epoch_seconds"])
+    res = {
+        "model": args.model, "epochs": args.epochs, "worker_torch_threads": args.torch_threads,
+        "plain_torch_threads": torch.get_num_threads(), "train_images": n_train, "image_size": 64,
+        "ray_train_images_per_s_steady": round(ray_steady, 1),
+        "plain_loop_images_per_s_steady": round(plain_steady, 1),
+        "ratio_steady": round(ray_steady / plain_steady, 3),
+        "ray_train_images_per_s_end_to_end": round(n_train * args.epochs / ray_total, 1),
+        "plain_loop_images_per_s_end_to_end": round(n_train * args.epochs / sum(plain["epoch_seconds"]), 1),
+        "ray_train_fit_seconds": round(ray_total, 2),
+    }
+    print(f"{'path':<34}{'steady img/s':>14}{'end-to-end img/s':>18}")
+    print(f"{'plain PyTorch loop (no Ray)':<34}{res['plain_loop_images_per_s_steady']:>14}"
+          f"{res['plain_loop_images_per_s_end_to_end']:>18}")
+    print(f"{'Ray Train TorchTrainer, 1 worker':<34}{res['ray_train_images_per_s_steady']:>14}"
+          f"{res['ray_train_images_per_s_end_to_end']:>18}")
+    print(f"ratio (Ray Train / plain, steady state): {res['ratio_steady']}; "
+          f"fit() incl. worker start-up {res['ray_train_fit_seconds']} s")
+    storage.write_json(args.out, res)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Training on a real local Ray: Train V2 with 1 and 2 workers, resume, Tune, registry, gate."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mlplatform.registry import Registry
+from mlplatform.tracking import read_offline_run
+from mlplatform.training.gate import judge
+
+from .conftest import compose, run_cli
+
+CHANCE = 1 / 8  # the smoke experiment has 8 species
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, dict]:
+    """`python run.py +mode=train +experiment=smoke` exactly as the README says."""
+    root = tmp_path_factory.mktemp("train")
+    proc = run_cli("+mode=train", "+experiment=smoke", f"paths.root={root}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _registry(root: Path) -> Registry:
+    return Registry(str(root / "registry"), "species-classifier")
+
+
+def test_cli_train_registers_v1_with_metrics_gate_and_card(trained) -> None:
+    root, summary = trained
+    assert summary["mode"] == "train" and summary["version"] == "v1"
+    for key in ("test/acc", "test/top5", "test/macro_f1", "test/ece"):
+        assert key in summary["metrics"]
+    assert summary["metrics"]["test/acc"] > 2.5 * CHANCE  # well above chance
+    assert summary["gate"]["verdict"] == "blessed" and summary["gate"]["baseline"] is None
+    assert summary["aliases"] == {"candidate": "v1", "production": "v1"}  # first blessed bootstraps production
+    card = Path(summary["model_card"]).read_text()
+    for section in ("Intended use", "Out-of-scope", "Training data", "Worst species", "Calibration",
+                    "Promotion gate", "Known limitations", "# Model card: species-classifier v1"):
+        assert section in card, section
+
+
+def test_version_holds_weights_lineage_and_reference(trained) -> None:
+    import numpy as np
+
+    root, summary = trained
+    reg = _registry(root)
+    meta = reg.get("v1")
+    history = meta["history"]
+    assert history[-1]["train/loss"] < history[0]["train/loss"]  # loss falls
+    assert meta["data_snapshot"]["hash"].startswith(summary["data_snapshot"])
+    assert meta["git_commit"] and meta["config"]["train"]["epochs"] == 4
+    assert meta["preprocess"]["labels"] == meta["labels"] and len(meta["labels"]) == 8
+    for name in ("label_map.json", "model_card.md", "confusion_matrix.png", "reference.npz", "metrics.json"):
+        assert name in meta["files"], name
+    ref = np.load(reg.path("v1", "reference.npz"), allow_pickle=False)
+    expected = min(48, meta["data_snapshot"]["splits"]["val"])  # train.reference_samples in smoke
+    assert ref["embeddings"].ndim == 2 and ref["embeddings"].shape[0] == expected
+    assert abs(ref["predicted_class_frequencies"].sum() - 1) < 1e-6
+    state = reg.load_state_dict("production")
+    assert any(k.startswith("head.") for k in state)
+
+
+def test_offline_wandb_run_holds_the_metrics(trained) -> None:
+    root, summary = trained
+    files = glob.glob(os.path.join(root, "wandb", f"offline-run-*-{summary['run']}", "*.wandb"))
+    assert len(files) == 1, files  # rank 0 alone logs: one run
+    rec = read_offline_run(files[0])
+    epochs = [h for h in rec["history"] if "val/acc" in h]
+    assert len(epochs) == summary["epochs_run"]
+    assert any(abs(h.get("test/acc", -1) - summary["metrics"]["test/acc"]) < 1e-6 for h in rec["history"])
+    assert rec["record_counts"].get("artifact") == 1  # the model
+
+
+def test_second_run_is_judged_against_production(ray_cluster, trained) -> None:
+    from mlplatform.training.job import run_train
+
+    root, _ = trained
+    cfg = compose("+mode=train", "+experiment=smoke", f"paths.root={root}", "logger=none",
+                  "train.gate.min_gain=0.5")  # an impossible gain: must be rejected
+    out = run_train(cfg)
+    assert out["version"] == "v2" and out["gate"]["baseline"] == "v1"
+    assert out["gate"]["verdict"] == "rejected" and "gain over v1" in out["gate"]["reasons"][0]
+    assert out["aliases"]["production"] == "v1"
+    reg = _registry(root)
+    assert reg.get("v2")["parent"] == "v1" and reg.latest_verdict("v2")["verdict"] == "rejected"
+
+
+def test_registry_evaluate_and_promote_modes(ray_cluster, trained) -> None:
+    from mlplatform.training.evaluate import run_evaluate, run_promote, run_registry
+
+    root, _ = trained
+    listing = run_registry(compose("+mode=registry", f"paths.root={root}"))
+    assert listing["versions"][0] == "v1" and listing["aliases"]["production"] == "v1"
+    moved = run_registry(compose("+mode=registry", f"paths.root={root}", "registry.set_alias=staging:v1"))
+    assert moved["aliases"]["staging"] == "v1"
+
+    clean = run_evaluate(compose("+mode=evaluate", "+experiment=smoke", f"paths.root={root}",
+                                 "evaluate.version=production"))
+    drifted = run_evaluate(compose("+mode=evaluate", "+experiment=smoke", f"paths.root={root}",
+                                   "data=synthetic_drifted", "evaluate.split=all"))
+    assert Path(drifted["report_md"]).is_file() and drifted["dataset"] == "synthetic_drifted"
+    assert drifted["metrics"]["test/num_samples"] == 8 * 40
+    assert drifted["metrics"]["test/acc"] < clean["metrics"]["test/acc"]  # drift hurts
+
+    verdict = run_promote(compose("+mode=promote", "+experiment=smoke", f"paths.root={root}",
+                                  "promote.candidate=v1"))
+    assert verdict["candidate"] == "v1" and verdict["baseline"] is None and verdict["verdict"] == "blessed"
+
+
+def test_gate_blesses_and_rejects_on_crafted_metrics() -> None:
+    gate = OmegaConf.create({"min_test_acc": 0.6, "min_gain": 0.01, "max_recall_drop": 0.1})
+
+    def summary(acc: float, recalls: dict[str, float]) -> dict:
+        return {"test/acc": acc, "per_class": {k: {"recall": r, "support": 10} for k, r in recalls.items()}}
+
+    prod = summary(0.70, {"a": 0.7, "b": 0.7})
+    assert judge(summary(0.75, {"a": 0.75, "b": 0.75}), prod, gate)["blessed"]
+    low = judge(summary(0.55, {"a": 0.9, "b": 0.2}), None, gate)
+    assert not low["blessed"] and low["first_model"] and "test/acc 0.5500 < 0.6" in low["reasons"][0]
+    assert judge(summary(0.65, {}), None, gate)["blessed"]  # a first model: absolute threshold only
+    flat = judge(summary(0.705, {"a": 0.7, "b": 0.71}), prod, gate)
+    assert not flat["blessed"] and any("gain" in r for r in flat["reasons"])
+    dropped = judge(summary(0.80, {"a": 0.95, "b": 0.55}), prod, gate)
+    assert not dropped["blessed"] and any("(b)" in r for r in dropped["reasons"])
+
+
+def test_two_workers_ddp_over_gloo(ray_cluster, tmp_path: Path) -> None:
+    from mlplatform.training.job import run_train
+
+    cfg = compose("+mode=train", "+experiment=smoke", f"paths.root={tmp_path}", "logger=none",
+                  "train.scaling.num_workers=2", "train.scaling.cpus_per_worker=0.5")
+    out = run_train(cfg)
+    meta = _registry(tmp_path).get(out["version"])
+    assert meta["config"]["train"]["scaling"]["num_workers"] == 2
+    history = meta["history"]
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    # Each epoch saw the whole training split, half on each worker (all-reduced counts).
+    assert all(h["train/images"] == history[0]["train/images"] for h in history)
+    assert out["metrics"]["test/acc"] > 2.5 * CHANCE
+
+
+def test_resumes_from_checkpoint_after_worker_dies(ray_cluster, tmp_path: Path) -> None:
+    from mlplatform.training.job import run_train
+
+    cfg = compose("+mode=train", "+experiment=smoke", f"paths.root={tmp_path}", "logger=none",
+                  "train.chaos.kill_worker_at_epoch=2", "train.max_failures=1",
+                  "train.early_stopping.patience=10")
+    out = run_train(cfg)
+    # Restarted from a checkpoint, not from scratch: the latest one Ray had registered when the
+    # worker died (epoch 1's, or epoch 0's if the kill beat its registration).
+    assert out["resumed_from_epoch"] in (1, 2)
+    assert out["epochs_run"] == 4
+    history = _registry(tmp_path).get(out["version"])["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert glob.glob(str(tmp_path / "ray_results" / out["run"] / "chaos" / "chaos-killed-epoch-2"))
+
+
+def test_failure_beyond_max_failures_is_a_clean_job_failure(ray_cluster, tmp_path: Path) -> None:
+    from mlplatform.errors import JobFailed
+    from mlplatform.training.job import run_train
+
+    cfg = compose("+mode=train", "+experiment=smoke", f"paths.root={tmp_path}", "logger=none",
+                  "train.chaos.kill_worker_at_epoch=0", "train.max_failures=0")
+    with pytest.raises(JobFailed) as info:
+        run_train(cfg)
+    assert "training failed" in str(info.value)
+    assert not (tmp_path / "registry" / "species-classifier" / "v1" / "version.json").exists()
+
+
+@pytest.mark.slow
+def test_tune_two_trials_registers_the_best(ray_cluster, tmp_path: Path) -> None:
+    from mlplatform.training.tune import run_tune
+
+    cfg = compose("+mode=tune", "+experiment=smoke", f"paths.root={tmp_path}", "logger=none",
+                  "train.tune.num_samples=2", "train.epochs=2")
+    out = run_tune(cfg)
+    assert out["num_trials"] == 2 and out["version"] == "v1"
+    finished = [t["val/acc"] for t in out["trials"] if t["finished"]]
+    meta = _registry(tmp_path).get("v1")
+    assert meta["source"] == "tune" and meta["tune_best_config"] == out["best_config"]
+    assert meta["history"][-1]["val/acc"] == pytest.approx(max(finished))  # the best finished trial
