@@ -32,6 +32,8 @@ class RayConf:
     address: str | None = None
     num_cpus: int | None = None
     include_dashboard: bool | None = None
+    # Prometheus metrics of a locally started Ray (Serve's custom metrics included).
+    metrics_export_port: int | None = 8080
 
 
 @dataclass
@@ -208,6 +210,100 @@ class PromoteConf:
 
 
 @dataclass
+class ServeVersionConf:
+    # A registry version id (v3) or alias (production); resolved when deploying.
+    ref: str = MISSING
+    # stable or canary (weights of both sum to 100).
+    role: str = "stable"
+    weight: int = 100
+    # Per-version overrides of serve.deployment (replicas, CPUs, GPUs, ...).
+    deployment: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServeShadowConf:
+    ref: str = MISSING
+    # Fraction of traffic mirrored to the shadow; its answers are compared, never returned.
+    mirror: float = 0.1
+    deployment: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ServeDeploymentConf:
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Must exceed batching.max_batch_size: Serve's default of 5 silently caps batches.
+    max_ongoing_requests: int = 64
+    # Requests queued at the caller beyond this get 503 with Retry-After.
+    max_queued_requests: int = 128
+
+
+@dataclass
+class ServeBatchingConf:
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+
+
+@dataclass
+class ServeAcceleratorConf:
+    # auto (cuda when visible), cpu or cuda.
+    device: str = "auto"
+    half: bool = True
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class ServeUrlConf:
+    enabled: bool = False
+    allowed_hosts: list[str] = field(default_factory=list)
+    allow_private: bool = False
+    timeout_s: float = 5.0
+    max_bytes: int = 10_000_000
+    max_redirects: int = 3
+
+
+@dataclass
+class ServeInputsConf:
+    max_bytes: int = 10_000_000
+    max_pixels: int = 40_000_000
+    min_width: int = 16
+    min_height: int = 16
+    url: ServeUrlConf = field(default_factory=ServeUrlConf)
+
+
+@dataclass
+class ServeConf:
+    app_name: str = "species"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # The name clients use in /v2/models/{model}; defaults to the registry's model name.
+    model_name: str | None = None
+    versions: list[ServeVersionConf] = field(default_factory=list)
+    shadows: list[ServeShadowConf] = field(default_factory=list)
+    # A request header whose value pins a client to one version (hash-based), e.g. x-user-id.
+    sticky_header: str | None = None
+    request_timeout_s: float = 10.0
+    retry_after_s: int = 1
+    top_k: int = 5
+    batching: ServeBatchingConf = field(default_factory=ServeBatchingConf)
+    deployment: ServeDeploymentConf = field(default_factory=ServeDeploymentConf)
+    accelerator: ServeAcceleratorConf = field(default_factory=ServeAcceleratorConf)
+    inputs: ServeInputsConf = field(default_factory=ServeInputsConf)
+    ingress_replicas: int = 1
+    ingress_cpus: float = 0.25
+    # Block after deploying (auto: when this process started Ray, which dies with it).
+    block: str = "auto"
+    # Drill knob: versions whose predictions raise (to test that a failing shadow is harmless).
+    chaos_fail_versions: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     paths: PathsConf = field(default_factory=PathsConf)
     ray: RayConf = field(default_factory=RayConf)
@@ -219,6 +315,7 @@ class Config:
     registry: RegistryConf = field(default_factory=RegistryConf)
     evaluate: EvaluateConf = field(default_factory=EvaluateConf)
     promote: PromoteConf = field(default_factory=PromoteConf)
+    serve: ServeConf = field(default_factory=ServeConf)
     seed: int = 0
 
 
@@ -229,6 +326,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="data", name="base_data", node=DataConf)
     cs.store(group="train", name="base_train", node=TrainConf)
+    cs.store(group="serve", name="base_serve", node=ServeConf)
 
 
 # ----------------------------------------------------------------------------- semantics
@@ -381,6 +479,50 @@ def validate_logger(logger: DictConfig) -> None:
         raise ConfigError("logger.wandb.mode", "online", "needs WANDB_API_KEY in the environment")
 
 
+def validate_serve(serve: DictConfig) -> None:
+    """Traffic configs fail before deploying: weights sum to 100, roles, mirrors, limits."""
+    if not serve.versions:
+        raise ConfigError("serve.versions", [], "list at least one version to serve")
+    refs = [v.ref for v in serve.versions]
+    if len(set(refs)) != len(refs):
+        raise ConfigError("serve.versions", refs, "a version is listed twice")
+    roles = [v.role for v in serve.versions]
+    for i, v in enumerate(serve.versions):
+        if v.role not in ("stable", "canary"):
+            raise ConfigError(f"serve.versions[{i}].role", v.role, "must be stable or canary")
+        if not 0 <= v.weight <= 100:
+            raise ConfigError(f"serve.versions[{i}].weight", v.weight, "must be in [0, 100]")
+    if roles.count("stable") != 1:
+        raise ConfigError("serve.versions", roles, "exactly one version has role stable")
+    total = sum(v.weight for v in serve.versions)
+    if total != 100:
+        raise ConfigError("serve.versions", "+".join(str(v.weight) for v in serve.versions),
+                          f"weights must sum to 100, got {total}")
+    for i, sh in enumerate(serve.shadows):
+        _fraction(f"serve.shadows[{i}].mirror", sh.mirror, low_open=False)
+        if sh.ref in refs:
+            raise ConfigError(f"serve.shadows[{i}].ref", sh.ref, "is already served as stable or canary")
+    d = serve.deployment
+    if d.min_replicas < 0 or d.max_replicas < max(1, d.min_replicas):
+        raise ConfigError("serve.deployment.max_replicas", d.max_replicas, "must be >= max(1, min_replicas)")
+    if d.max_ongoing_requests <= serve.batching.max_batch_size:
+        raise ConfigError("serve.deployment.max_ongoing_requests", d.max_ongoing_requests,
+                          f"must exceed serve.batching.max_batch_size={serve.batching.max_batch_size}, "
+                          "or batches are silently capped")
+    _positive("serve.batching.max_batch_size", serve.batching.max_batch_size)
+    if serve.batching.batch_wait_timeout_s < 0:
+        raise ConfigError("serve.batching.batch_wait_timeout_s", serve.batching.batch_wait_timeout_s, "must be >= 0")
+    if serve.accelerator.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("serve.accelerator.device", serve.accelerator.device, "must be auto, cpu or cuda")
+    if not 1 <= serve.top_k:
+        raise ConfigError("serve.top_k", serve.top_k, "must be >= 1")
+    _positive("serve.request_timeout_s", serve.request_timeout_s)
+    if serve.block not in ("auto", "true", "false", True, False):
+        raise ConfigError("serve.block", serve.block, "must be auto, true or false")
+    if not 0 < serve.port < 65536:
+        raise ConfigError("serve.port", serve.port, "must be a TCP port")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks for the whole config; raises ConfigError naming the first bad key."""
     if not str(cfg.paths.root):
@@ -393,5 +535,7 @@ def validate(cfg: DictConfig) -> None:
     alias = cfg.registry.set_alias
     if alias is not None and (alias.count(":") != 1 or not all(alias.split(":"))):
         raise ConfigError("registry.set_alias", alias, "use alias:version, e.g. production:v3")
+    if cfg.serve.versions:
+        validate_serve(cfg.serve)
     if cfg.evaluate.split not in ("train", "val", "test", "all"):
         raise ConfigError("evaluate.split", cfg.evaluate.split, "must be train, val, test or all")

@@ -32,6 +32,14 @@ def _with_ray(module: str, func: str) -> Callable[[DictConfig], dict[str, Any]]:
     return run
 
 
+def _serve(cfg: DictConfig) -> dict[str, Any]:
+    from mlplatform.deployments.serve_mode import run_serve
+    from mlplatform.raycluster import ray_session
+
+    with ray_session(cfg.ray) as session:
+        return run_serve(cfg, session)
+
+
 def _registry(cfg: DictConfig) -> dict[str, Any]:
     from mlplatform.training.evaluate import run_registry
 
@@ -49,6 +57,7 @@ MODES: dict[str, tuple[Callable[[DictConfig], dict[str, Any]], str]] = {
                  "evaluate a registered version on any dataset and split; write a report"),
     "promote": (_with_ray("mlplatform.training.evaluate", "run_promote"),
                 "judge a version against production with the promotion gate"),
+    "serve": (_serve, "deploy conf/serve on Ray Serve (REST + Open Inference Protocol); block until SIGINT/SIGTERM"),
     "registry": (_registry, "list versions, metrics, aliases and lineage; registry.set_alias=alias:vN"),
 }
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import ray
 from omegaconf import DictConfig
@@ -13,10 +14,28 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Session:
+    started: bool  # this process started Ray (and its cluster dies with it)
+
+    @property
+    def dashboard_url(self) -> str | None:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+        return f"http://{url}" if url and not url.startswith("http") else url
+
+    @property
+    def metrics_url(self) -> str | None:
+        node = getattr(ray._private.worker.global_worker, "node", None)
+        port = getattr(node, "metrics_export_port", None)
+        return f"http://127.0.0.1:{port}/metrics" if port else None
+
+
 @contextlib.contextmanager
-def ray_session(ray_cfg: DictConfig) -> Iterator[None]:
+def ray_session(ray_cfg: DictConfig) -> Iterator[Session]:
     if ray.is_initialized():  # a test session or a caller already runs Ray: share it
-        yield
+        yield Session(started=False)
         return
     # Workers import mlplatform from the installed package; keep their logs quiet.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -26,8 +45,9 @@ def ray_session(ray_cfg: DictConfig) -> Iterator[None]:
         ray.init(address=ray_cfg.address, **kwargs)
     else:
         log.info("starting a local Ray (num_cpus=%s)", ray_cfg.num_cpus)
-        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard, **kwargs)
+        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard,
+                 _metrics_export_port=ray_cfg.metrics_export_port, **kwargs)
     try:
-        yield
+        yield Session(started=not ray_cfg.address)
     finally:
         ray.shutdown()

@@ -1,0 +1,470 @@
+"""The Ray Serve application: an ingress that validates and routes, one batched deployment
+per served model version, canary weights and shadow mirroring from conf/serve.
+
+`build_app(args)` is a typed application builder, so `serve run` and `serve deploy` work
+with the same config that `python run.py +mode=serve` uses.
+"""
+
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from mlplatform.data.preprocess import PreprocessSpec, to_uint8
+from mlplatform.deployments import inputs as I
+from mlplatform.deployments import oip
+from mlplatform.deployments.traffic import TrafficPolicy
+
+log = logging.getLogger("mlplatform.serve")
+LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class ServeSettings(BaseModel):
+    """The resolved serving config handed to `build_app` (JSON-serialisable for `serve deploy`)."""
+
+    registry_root: str
+    registry_model: str
+    model_name: str
+    versions: list[dict[str, Any]] = []  # {"version", "role", "weight", "deployment": {...}}
+    shadows: list[dict[str, Any]] = []  # {"version", "mirror", "deployment": {...}}
+    sticky_header: str | None = None
+    request_timeout_s: float = 10.0
+    retry_after_s: int = 1
+    top_k: int = 5
+    batching: dict[str, Any] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
+    accelerator: dict[str, Any] = {"device": "auto", "half": True, "channels_last": True, "compile": False}
+    inputs: dict[str, Any] = {}
+    ingress_replicas: int = 1
+    ingress_cpus: float = 0.25
+    chaos_fail_versions: list[str] = []
+
+
+# ----------------------------------------------------------------------------- model replicas
+
+
+@serve.deployment
+class ModelServer:
+    """One registered version: loaded once, warmed up, batched with @serve.batch."""
+
+    def __init__(self, registry_root: str, registry_model: str, version: str,
+                 accelerator: dict[str, Any]) -> None:
+        from mlplatform.deployments.extended import ExtendedModel
+
+        self.model = ExtendedModel(registry_root, registry_model, version, **accelerator)
+        self.version = self.model.version
+        self.fail = False
+        self.model.warmup()
+        self.batch_sizes = Histogram("mlp_batch_size", description="Images per batched forward pass",
+                                     boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("version",))
+        self.infer_latency = Histogram("mlp_stage_latency_seconds", description="Latency by stage",
+                                       boundaries=LATENCY_BOUNDARIES, tag_keys=("version", "stage"))
+        self.species = Counter("mlp_predictions_by_species_total", description="Top-1 predictions by species",
+                               tag_keys=("version", "species"))
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Live batch settings and drills, applied without restarting the replica."""
+        self.predict.set_max_batch_size(int(config["max_batch_size"]))
+        self.predict.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        self.fail = bool(config.get("chaos_fail", False))
+
+    def info(self) -> dict[str, Any]:
+        return {"version": self.version, "labels": self.model.labels, "preprocess": self.model.spec.to_dict(),
+                "num_classes": self.model.num_classes}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict(self, items: list[tuple[np.ndarray, int, float]]) -> list[dict[str, Any]]:
+        if self.fail:
+            raise RuntimeError(f"chaos: {self.version} is configured to fail (serve.chaos_fail_versions)")
+        t0 = time.perf_counter()
+        batch = np.stack([it[0] for it in items])
+        probs, emb = self.model.forward(self.model.to_tensor(batch))
+        ks = [min(int(it[1]), self.model.num_classes) for it in items]
+        from mlplatform.training.metrics import top_k_from_probs
+
+        idx, scores = top_k_from_probs(probs, max(ks))
+        dt = time.perf_counter() - t0
+        tags = {"version": self.version}
+        self.batch_sizes.observe(len(items), tags=tags)
+        self.infer_latency.observe(dt, tags={**tags, "stage": "inference"})
+        out = []
+        for i, (it, k) in enumerate(zip(items, ks, strict=True)):
+            self.infer_latency.observe(max(0.0, t0 - it[2]), tags={**tags, "stage": "queue"})
+            top1 = self.model.labels[int(idx[i, 0])]
+            self.species.inc(tags={**tags, "species": top1})
+            out.append({"labels": [self.model.labels[j] for j in idx[i, :k]],
+                        "scores": [float(s) for s in scores[i, :k]],
+                        "probabilities": probs[i], "embedding": emb[i], "batch_size": len(items)})
+        return out
+
+    async def check_health(self) -> None:
+        """Healthy means it can still predict, not just that the process is alive."""
+        self.model.warmup()
+
+
+# ----------------------------------------------------------------------------- the ingress
+
+app = FastAPI(title="mlplatform species classifier",
+              description="REST /predict, /models and the Open Inference Protocol v2.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _error(status: int, code: str, message: str, request_id: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}, "request_id": request_id},
+                        status_code=status, headers=headers or {})
+
+
+def _request_id(request: Request) -> str:
+    """Serve's proxy echoes the client's x-request-id (or makes one) and sets the response
+    header itself; the body carries the same id."""
+    from ray.serve.context import _get_serve_request_context
+
+    return (_get_serve_request_context().request_id or request.headers.get("x-request-id")
+            or uuid.uuid4().hex)
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self.s = ServeSettings(**settings)
+        self.models = models
+        self.limits = I.InputLimits.from_dict(self.s.inputs)
+        self.url_policy = I.UrlPolicy.from_dict(self.s.inputs.get("url", {}))
+        self.specs: dict[str, PreprocessSpec] = {}
+        self.labels: dict[str, list[str]] = {}
+        # Traffic arrives through user_config (reconfigure runs right after __init__), so a
+        # weight change never changes these init arguments and never restarts this replica.
+        self.policy = TrafficPolicy.from_config({"routes": [{"version": v, "role": "stable", "weight": 100}
+                                                            for v in list(models)[:1]]})
+        self._background: set[asyncio.Task] = set()
+        self.requests = Counter("mlp_requests_total", description="Requests by version, route and status",
+                                tag_keys=("version", "route", "status"))
+        self.latency = Histogram("mlp_request_latency_seconds", description="Ingress latency by stage",
+                                 boundaries=LATENCY_BOUNDARIES, tag_keys=("stage",))
+        self.shadow_total = Counter("mlp_shadow_requests_total", description="Mirrored requests by outcome",
+                                    tag_keys=("version", "outcome"))
+        self.shadow_agreement = Gauge("mlp_shadow_agreement", description="Top-1 agreement of shadow with primary",
+                                      tag_keys=("version",))
+        self.agree_counts: dict[str, list[int]] = {}
+
+    async def _meta(self, version: str) -> tuple[PreprocessSpec, list[str]]:
+        if version not in self.specs:
+            info = await self.models[version].info.remote()
+            self.specs[version] = PreprocessSpec.from_dict(info["preprocess"])
+            self.labels[version] = info["labels"]
+        return self.specs[version], self.labels[version]
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Traffic changes from YAML land here: weights, shadows and limits move in place."""
+        unknown = [r["version"] for r in [*config["routes"], *config.get("shadows", [])]
+                   if r["version"] not in self.models]
+        if unknown:
+            raise ValueError(f"traffic names versions this application does not serve: {unknown}")
+        self.policy = TrafficPolicy.from_config(config)
+        self.s.request_timeout_s = float(config.get("request_timeout_s", self.s.request_timeout_s))
+        self.s.top_k = int(config.get("top_k", self.s.top_k))
+        self.s.sticky_header = config.get("sticky_header")
+        log.info(json.dumps({"event": "traffic_reconfigured", "routes": config["routes"],
+                             "shadows": config.get("shadows", [])}))
+
+    # ------------------------------------------------------------------ request handling
+
+    async def _infer(self, version: str, image: I.DecodedImage, top_k: int) -> dict[str, Any]:
+        spec, _ = await self._meta(version)
+        arr = to_uint8(image.image, spec)
+        try:
+            return await asyncio.wait_for(
+                self.models[version].predict.remote((arr, top_k, time.perf_counter())),
+                timeout=self.s.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"no answer from {version} within "
+                           f"{self.s.request_timeout_s:g} s (serve.request_timeout_s)") from None
+        except BackPressureError:
+            raise ApiError(503, "overloaded", f"{version} is at capacity; retry shortly",
+                           {"Retry-After": str(self.s.retry_after_s)}) from None
+
+    def _mirror(self, image: I.DecodedImage, primary: dict[str, Any], request_id: str) -> None:
+        for version in self.policy.shadows_for_request():
+            task = asyncio.get_running_loop().create_task(self._shadow(version, image, primary, request_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _shadow(self, version: str, image: I.DecodedImage, primary: dict[str, Any], request_id: str) -> None:
+        """Never affects the response: errors and timeouts are counted, then dropped."""
+        try:
+            res = await self._infer(version, image, 1)
+            agree = int(res["labels"][0] == primary["labels"][0])
+            n = self.agree_counts.setdefault(version, [0, 0])
+            n[0] += agree
+            n[1] += 1
+            self.shadow_agreement.set(n[0] / n[1], tags={"version": version})
+            self.shadow_total.inc(tags={"version": version, "outcome": "agree" if agree else "disagree"})
+        except Exception as exc:  # a failing shadow is data, never an error for the client
+            self.shadow_total.inc(tags={"version": version, "outcome": "error"})
+            log.warning(json.dumps({"event": "shadow_error", "version": version, "request_id": request_id,
+                                    "error": f"{type(exc).__name__}: {exc}"[:300]}))
+
+    async def _read_image(self, request: Request) -> tuple[I.DecodedImage, int | None]:
+        kind = I.check_content_type(request.headers.get("content-type"))
+        top_k = None
+        t0 = time.perf_counter()
+        if kind == "multipart":
+            form = await request.form()
+            field = form.get("image")
+            if field is None or isinstance(field, str):
+                raise I.InputError(422, "missing_field", "multipart field 'image' (a file) is required")
+            data = await field.read()
+            if "top_k" in form:
+                top_k = form["top_k"]
+        elif kind == "json":
+            body = await request.body()
+            if len(body) > self.limits.max_bytes * 4 // 3 + 4096:
+                raise I.InputError(413, "too_many_bytes", "JSON body larger than the image byte limit allows")
+            try:
+                payload = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                raise I.InputError(400, "bad_json", "the body is not valid JSON") from None
+            if not isinstance(payload, dict):
+                raise I.InputError(422, "missing_field", "the JSON body must be an object with 'image' or 'url'")
+            top_k = payload.get("top_k")
+            if "image" in payload:
+                if not isinstance(payload["image"], str):
+                    raise I.InputError(422, "missing_field", "'image' must be a base64 string or data: URI")
+                data = I.parse_base64_image(payload["image"], self.limits.max_bytes)
+            elif "url" in payload:
+                if not isinstance(payload["url"], str):
+                    raise I.InputError(422, "missing_field", "'url' must be a string")
+                data = await I.fetch_url(payload["url"], self.url_policy)
+            else:
+                raise I.InputError(422, "missing_field", "the JSON body needs 'image' (base64) or 'url'")
+        else:
+            data = await request.body()
+        image = I.decode_image(data, self.limits)
+        self.latency.observe(time.perf_counter() - t0, tags={"stage": "decode"})
+        return image, top_k
+
+    def _top_k(self, value: Any, version: str) -> int:
+        if value is None:
+            return self.s.top_k
+        n = len(self.labels.get(version) or []) or 10**9
+        try:
+            k = int(value)
+            if str(value).strip() not in (str(k), f"{k}.0") and not isinstance(value, int):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ApiError(422, "bad_top_k", f"top_k={value!r} is not an integer") from None
+        if not 1 <= k <= n:
+            raise ApiError(422, "bad_top_k", f"top_k={k} must be between 1 and {n}")
+        return k
+
+    def _finish(self, request_id: str, version: str, route: str, status: int, started: float) -> None:
+        latency = time.perf_counter() - started
+        self.requests.inc(tags={"version": version, "route": route, "status": str(status)})
+        self.latency.observe(latency, tags={"stage": "total"})
+        log.info(json.dumps({"event": "request", "request_id": request_id, "route": route, "version": version,
+                             "status": status, "latency_ms": round(latency * 1000, 2)}))
+
+    async def _guard(self, request: Request, route: str, handler) -> Response:
+        """Every failure becomes the contract's JSON error; nothing escapes as a bare 500."""
+        request_id = _request_id(request)
+        started = time.perf_counter()
+        version = "-"
+        try:
+            response, version = await handler(request_id)
+            self._finish(request_id, version, route, response.status_code, started)
+            return response
+        except I.InputError as exc:
+            status, code, message, headers = exc.status, exc.code, exc.message, {}
+        except oip.OIPError as exc:
+            status, code, message, headers = exc.status, "bad_inference_request", exc.message, {}
+        except ApiError as exc:
+            status, code, message, headers = exc.status, exc.code, exc.message, exc.headers
+        except Exception as exc:
+            log.exception("internal error")
+            status, code, headers = 500, "internal", {}
+            message = f"the platform failed: {type(exc).__name__}"
+        self._finish(request_id, version, route, status, started)
+        return _error(status, code, message, request_id, headers)
+
+    # ------------------------------------------------------------------ REST
+
+    @app.post("/predict")
+    async def predict(self, request: Request) -> Response:
+        async def handle(request_id: str) -> tuple[Response, str]:
+            image, top_k_body = await self._read_image(request)
+            sticky = request.headers.get(self.s.sticky_header) if self.s.sticky_header else None
+            version = self.policy.choose(sticky)
+            await self._meta(version)
+            top_k = self._top_k(request.query_params.get("top_k", top_k_body), version)
+            res = await self._infer(version, image, top_k)
+            self._mirror(image, res, request_id)
+            body = {"request_id": request_id, "model": self.s.model_name, "version": version,
+                    "predictions": [{"label": lab, "score": sc} for lab, sc in zip(res["labels"], res["scores"],
+                                                                                  strict=True)]}
+            return JSONResponse(body, headers={"x-model-version": version}), version
+
+        return await self._guard(request, "predict", handle)
+
+    @app.get("/models")
+    async def models(self) -> dict[str, Any]:
+        return {"model": self.s.model_name, "versions": self.policy.describe()}
+
+    # ------------------------------------------------------------------ Open Inference Protocol v2
+
+    @app.get("/v2")
+    async def server_metadata(self) -> dict[str, Any]:
+        return oip.server_metadata("mlplatform", "0.1.0")
+
+    @app.get("/v2/health/live")
+    async def live(self) -> Response:
+        return JSONResponse({"live": True})
+
+    async def _ready(self, versions: list[str]) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._meta(v) for v in versions)), timeout=5)
+            return True
+        except Exception:
+            return False
+
+    @app.get("/v2/health/ready")
+    async def ready(self) -> Response:
+        ok = await self._ready([r.version for r in self.policy.routes])
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    def _check_model(self, model: str, version: str | None = None) -> None:
+        if model != self.s.model_name:
+            raise ApiError(404, "unknown_model", f"model {model!r} is not served; try {self.s.model_name!r}")
+        if version is not None and version not in self.models:
+            raise ApiError(404, "unknown_version", f"version {version!r} is not served; "
+                           f"served: {sorted(self.models)}")
+
+    @app.get("/v2/models/{model}")
+    async def model_metadata(self, model: str, request: Request) -> Response:
+        async def handle(request_id: str) -> tuple[Response, str]:
+            self._check_model(model)
+            stable = self.policy.routes[0].version
+            _, labels = await self._meta(stable)
+            return JSONResponse(oip.model_metadata(model, sorted(self.models), len(labels))), stable
+
+        return await self._guard(request, "metadata", handle)
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_ready(self, model: str, request: Request) -> Response:
+        async def handle(request_id: str) -> tuple[Response, str]:
+            self._check_model(model)
+            ok = await self._ready(sorted(self.models))
+            return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503), "-"
+
+        return await self._guard(request, "ready", handle)
+
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def version_ready(self, model: str, version: str, request: Request) -> Response:
+        async def handle(request_id: str) -> tuple[Response, str]:
+            self._check_model(model, version)
+            ok = await self._ready([version])
+            return JSONResponse({"name": model, "version": version, "ready": ok},
+                                status_code=200 if ok else 503), version
+
+        return await self._guard(request, "ready", handle)
+
+    async def _oip_infer(self, request: Request, model: str, pinned: str | None) -> Response:
+        async def handle(request_id: str) -> tuple[Response, str]:
+            self._check_model(model, pinned)
+            body = await request.body()
+            req = oip.parse_infer_request(body, dict(request.headers), max_batch=256)
+            version = pinned or self.policy.choose(
+                request.headers.get(self.s.sticky_header) if self.s.sticky_header else None)
+            _, labels = await self._meta(version)
+            images = [I.decode_image(data, self.limits) for data in req.images]
+            results = await asyncio.gather(*(self._infer(version, img, 1) for img in images))
+            if not pinned:
+                for img, res in zip(images, results, strict=True):
+                    self._mirror(img, res, request_id)
+            probs = np.stack([r["probabilities"] for r in results]).astype(np.float32)
+            payload, headers = oip.build_infer_response(
+                model, version, req.id or request_id, probs, [r["labels"][0] for r in results], req.outputs,
+                label_names=labels, binary_default=bool(req.parameters.get("binary_data_output", False)))
+            media = headers.pop("content-type", headers.pop("Content-Type", "application/json"))
+            return Response(payload, media_type=media, headers={**headers, "x-model-version": version}), version
+
+        return await self._guard(request, "infer", handle)
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer(self, model: str, request: Request) -> Response:
+        return await self._oip_infer(request, model, None)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer_version(self, model: str, version: str, request: Request) -> Response:
+        return await self._oip_infer(request, model, version)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def deployment_options(d: dict[str, Any]) -> dict[str, Any]:
+    """Serve options for one version: autoscaling, resources, queue limits."""
+    return {
+        "autoscaling_config": {
+            "min_replicas": int(d["min_replicas"]), "max_replicas": int(d["max_replicas"]),
+            "initial_replicas": max(1, int(d["min_replicas"])),
+            "target_ongoing_requests": float(d["target_ongoing_requests"]),
+            "upscale_delay_s": float(d["upscale_delay_s"]), "downscale_delay_s": float(d["downscale_delay_s"]),
+        },
+        "ray_actor_options": {"num_cpus": float(d["num_cpus"]), "num_gpus": float(d["num_gpus"])},
+        "max_ongoing_requests": int(d["max_ongoing_requests"]),
+        "max_queued_requests": int(d["max_queued_requests"]),
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+    }
+
+
+def traffic_config(s: dict[str, Any]) -> dict[str, Any]:
+    """The ingress's user_config: everything a traffic change touches, nothing that restarts."""
+    versions = s["versions"]
+    return {"routes": [{"version": v["version"], "role": v.get("role", "stable" if i == 0 else "canary"),
+                        "weight": v.get("weight", 100 if i == 0 else 0)} for i, v in enumerate(versions)],
+            "shadows": [{"version": v["version"], "mirror": v.get("mirror", 0.0)} for v in s["shadows"]],
+            "sticky_header": s.get("sticky_header"), "request_timeout_s": s.get("request_timeout_s", 10.0),
+            "top_k": s.get("top_k", 5)}
+
+
+def model_user_config(s: dict[str, Any], version: str) -> dict[str, Any]:
+    """A model deployment's user_config: live batch settings and the failure drill."""
+    batching = s.get("batching") or {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
+    return {**batching, "chaos_fail": version in (s.get("chaos_fail_versions") or [])}
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Typed application builder: `serve run mlplatform.deployments.app:build_app settings=...`."""
+    raw = args.get("settings", args)
+    s = ServeSettings(**raw)
+    handles: dict[str, Any] = {}
+    for entry in [*s.versions, *s.shadows]:
+        version = entry["version"]
+        options = deployment_options(entry["deployment"]) if "deployment" in entry else {}
+        handles[version] = ModelServer.options(
+            name=f"model-{version}", user_config=model_user_config(raw, version), **options,
+        ).bind(s.registry_root, s.registry_model, version, s.accelerator)
+    static = s.model_dump(exclude={"versions", "shadows", "sticky_header", "request_timeout_s", "top_k"})
+    return Ingress.options(
+        num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": s.ingress_cpus},
+        user_config=traffic_config(raw), max_ongoing_requests=1000,
+    ).bind(static, handles)

@@ -1,0 +1,109 @@
+"""The extended model: a registered version plus its own pre- and post-processing.
+
+Decode and validation happen before this (see `inputs.py`); here a batch of RGB images
+goes through the version's preprocessing spec, one batched forward pass on the chosen
+device, and post-processing into top-k species with scores and the penultimate-layer
+embedding. Serving and offline prediction both call `predict`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mlplatform.data.preprocess import PreprocessSpec, normalize_torch, to_uint8
+from mlplatform.registry import Registry
+from mlplatform.training import metrics as M
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("serve accelerator.device=cuda but no CUDA device is visible to this replica")
+    return torch.device(setting)
+
+
+@dataclass
+class Prediction:
+    labels: list[str]
+    scores: list[float]
+    probabilities: np.ndarray  # (C,) float32
+    embedding: np.ndarray  # (D,) float32
+
+
+class ExtendedModel:
+    """A registry version, loaded once (checksum verified), ready for batched prediction."""
+
+    def __init__(self, registry_root: str, model_name: str, version: str, device: str = "auto",
+                 half: bool = True, channels_last: bool = True, compile: bool = False) -> None:
+        from mlplatform.training.evaluate import load_model
+
+        reg = Registry(registry_root, model_name)
+        model, spec, meta = load_model(reg, version)  # raises ChecksumError on tampered weights
+        self.version: str = meta["version"]
+        self.model_name = model_name
+        self.labels: list[str] = list(meta["labels"])
+        self.spec: PreprocessSpec = spec
+        self.meta = meta
+        self.device = pick_device(device)
+        self.dtype = torch.float16 if (half and self.device.type == "cuda") else torch.float32
+        model = model.to(self.device, dtype=self.dtype)
+        if channels_last and self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last and self.device.type == "cuda"
+        self.model = torch.compile(model) if compile else model
+        self.model.eval()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.to_tensor(np.stack([to_uint8(img, self.spec) for img in images]))
+
+    def to_tensor(self, batch_uint8: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3), already resized and cropped with this version's spec."""
+        x = normalize_torch(torch.from_numpy(np.ascontiguousarray(batch_uint8)).to(self.device), self.spec)
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        net = self.model
+        emb = net.embed(x) if hasattr(net, "embed") else net._orig_mod.embed(x)
+        head = net.head if hasattr(net, "head") else net._orig_mod.head
+        probs = torch.softmax(head(emb).float(), dim=1)
+        return probs.cpu().numpy(), emb.float().cpu().numpy()
+
+    def predict(self, images: list[Image.Image], top_k: int | list[int] = 5) -> list[Prediction]:
+        """One batched forward pass over `images`; top_k may differ per image."""
+        if not images:
+            return []
+        probs, emb = self.forward(self.preprocess(images))
+        ks = top_k if isinstance(top_k, list) else [top_k] * len(images)
+        kmax = min(max(ks), self.num_classes)
+        idx, scores = M.top_k_from_probs(probs, kmax)
+        out = []
+        for i, k in enumerate(ks):
+            k = min(k, self.num_classes)
+            out.append(Prediction(labels=[self.labels[j] for j in idx[i, :k]],
+                                  scores=[float(s) for s in scores[i, :k]],
+                                  probabilities=probs[i], embedding=emb[i]))
+        return out
+
+    def warmup(self) -> dict[str, Any]:
+        """A real prediction on a synthetic image: proves the replica can still predict."""
+        size = max(self.spec.resize_size, self.spec.image_size)
+        img = Image.fromarray(np.full((size, size, 3), 127, np.uint8), "RGB")
+        pred = self.predict([img], top_k=1)[0]
+        if not np.isfinite(pred.probabilities).all():
+            raise RuntimeError(f"{self.version}: non-finite probabilities on the warm-up image")
+        return {"label": pred.labels[0], "score": pred.scores[0]}

@@ -1,0 +1,313 @@
+"""Serving against real Ray Serve over HTTP: routes, errors, canary, shadow, GitOps, OIP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from mlplatform.data import synthetic
+from mlplatform.errors import ConfigError
+from mlplatform.registry import Registry
+
+from .conftest import compose
+
+PORT = 8765
+URL = f"http://127.0.0.1:{PORT}"
+MODEL = "species-classifier"
+
+pytestmark = pytest.mark.ray
+
+
+def _serve_overrides(root: Path, *extra: str) -> list[str]:
+    return ["+mode=serve", "+experiment=smoke", f"paths.root={root}", f"serve.port={PORT}",
+            "serve.deployment.num_cpus=0.25", "serve.deployment.min_replicas=1",
+            "serve.deployment.max_replicas=1", "serve.inputs.max_bytes=300000",
+            "serve.inputs.max_pixels=4000000", *extra]
+
+
+def _traffic(v1: int, v2: int, shadow: str = "") -> list[str]:
+    items = [f"{{ref: v1, role: stable, weight: {v1}}}", f"{{ref: v2, role: canary, weight: {v2}}}"]
+    out = [f"serve.versions=[{', '.join(items)}]"]
+    if shadow:
+        out.append(f"serve.shadows=[{{ref: {shadow}, mirror: 1.0}}]")
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    """Train v1, register copies v2 (canary) and v3 (a shadow that always fails), deploy."""
+    from ray import serve
+
+    from mlplatform.deployments.serve_mode import deploy
+    from mlplatform.training.job import run_train
+
+    root = tmp_path_factory.mktemp("serve")
+    run_train(compose("+mode=train", "+experiment=smoke", f"paths.root={root}", "logger=none"))
+    reg = Registry(str(root / "registry"), MODEL)
+    meta = {k: v for k, v in reg.get("v1").items() if k not in ("version", "created", "files", "weights_sha256")}
+    state = reg.load_state_dict("v1")
+    for _ in range(2):
+        reg.register(state, {**meta, "source": "copy-of-v1"})
+    cfg = compose(*_serve_overrides(root, *_traffic(80, 20, shadow="v3"), "serve.chaos_fail_versions=[v3]"))
+    summary = deploy(cfg)
+    yield {"root": root, "summary": summary, "labels": meta["labels"]}
+    serve.delete(cfg.serve.app_name)
+
+
+def _jpeg(species: int = 0, index: int = 0, size: int = 48, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    synthetic.render(species, index, size).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _post(path: str = "/predict", **kw) -> requests.Response:
+    return requests.post(URL + path, timeout=30, **kw)
+
+
+def _assert_error(r: requests.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    body = r.json()
+    assert set(body) == {"error", "request_id"} and body["error"]["code"] and body["error"]["message"]
+    return body
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+def test_every_input_route_predicts(served) -> None:
+    img = _jpeg()
+    b64 = base64.b64encode(img).decode()
+    responses = [
+        _post(files={"image": ("a.jpg", img, "image/jpeg")}),
+        _post(data=img, headers={"content-type": "image/jpeg"}),
+        _post(json={"image": b64}),
+        _post(json={"image": f"data:image/jpeg;base64,{b64}", "top_k": 3}),
+        _post(data=_jpeg(fmt="PNG"), headers={"content-type": "image/png"}, params={"top_k": 2}),
+    ]
+    for r in responses:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"request_id", "model", "version", "predictions"}
+        assert body["model"] == MODEL and body["version"] in ("v1", "v2")
+        assert r.headers["x-model-version"] == body["version"]
+        scores = [p["score"] for p in body["predictions"]]
+        assert scores == sorted(scores, reverse=True) and all(p["label"] in served["labels"]
+                                                             for p in body["predictions"])
+    assert [len(r.json()["predictions"]) for r in responses] == [5, 5, 5, 3, 2]
+
+
+def test_request_id_is_echoed(served) -> None:
+    r = _post(data=_jpeg(), headers={"content-type": "image/jpeg", "x-request-id": "abc-123"})
+    assert r.json()["request_id"] == "abc-123" and r.headers["x-request-id"] == "abc-123"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status"),
+    [
+        ({"data": b"\x89PNG\r\n\x1a\nnot really", "headers": {"content-type": "image/png"}}, 400),
+        ({"json": {"image": "!!!not base64!!!"}}, 400),
+        ({"data": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        ({"data": b"x" * 400_000, "headers": {"content-type": "image/jpeg"}}, 413),
+        ({"data": b"hello", "headers": {"content-type": "text/plain"}}, 415),
+        ({"json": {"picture": "x"}}, 422),
+        ({"json": {"url": "http://example.com/cat.jpg"}}, 422),  # URL input is off by default
+        ({"files": {"other": ("a.jpg", b"x", "image/jpeg")}}, 422),
+    ],
+)
+def test_error_classes(served, kwargs, status) -> None:
+    _assert_error(_post(**kwargs), status)
+
+
+def test_pixel_bomb_tiny_image_unsupported_format_and_top_k(served) -> None:
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, format="PNG")  # tiny file, 25 Mpx declared
+    _assert_error(_post(data=buf.getvalue(), headers={"content-type": "image/png"}), 413)
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    _assert_error(_post(data=buf.getvalue(), headers={"content-type": "image/png"}), 422)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="ICO")
+    _assert_error(_post(data=buf.getvalue(), headers={"content-type": "application/octet-stream"}), 415)
+    for bad in ("0", "9", "abc", "2.5"):
+        _assert_error(_post(data=_jpeg(), headers={"content-type": "image/jpeg"}, params={"top_k": bad}), 422)
+    ok = _post(data=_jpeg(), headers={"content-type": "image/jpeg"}, params={"top_k": 8})
+    assert ok.status_code == 200 and len(ok.json()["predictions"]) == 8
+
+
+def test_hostile_input_never_poisons_the_server(served) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        r = _post(data=rng.bytes(int(rng.integers(1, 5000))), headers={"content-type": "image/jpeg"})
+        assert r.status_code in (400, 413, 415, 422) and r.json()["error"]
+    assert _post(data=_jpeg(), headers={"content-type": "image/jpeg"}).status_code == 200
+    assert requests.get(URL + "/v2/health/ready", timeout=10).status_code == 200
+
+
+# ----------------------------------------------------------------------------- traffic
+
+
+def test_models_lists_versions_roles_and_weights(served) -> None:
+    body = requests.get(URL + "/models", timeout=10).json()
+    assert body == {"model": MODEL, "versions": [
+        {"version": "v1", "role": "stable", "weight": 80}, {"version": "v2", "role": "canary", "weight": 20},
+        {"version": "v3", "role": "shadow", "mirror": 1.0}]}
+
+
+def test_canary_split_within_binomial_bounds_and_failing_shadow_is_harmless(served) -> None:
+    n, img = 300, _jpeg()
+    counts: Counter = Counter()
+    for _ in range(n):
+        r = _post(data=img, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200, r.text  # the shadow v3 raises on every mirrored request
+        counts[r.json()["version"]] += 1
+    assert set(counts) <= {"v1", "v2"}  # a shadow's answer is never returned
+    sd = (n * 0.2 * 0.8) ** 0.5
+    assert abs(counts["v2"] - n * 0.2) < 4 * sd, counts
+
+
+def test_sticky_routing_pins_a_key_to_one_version(served) -> None:
+    from mlplatform.deployments.serve_mode import deploy
+
+    cfg = compose(*_serve_overrides(served["root"], *_traffic(50, 50), "serve.sticky_header=x-user-id"))
+    deploy(cfg)
+    try:
+        img = _jpeg()
+        for user in ("alice", "bob", "carol"):
+            seen = {_post(data=img, headers={"content-type": "image/jpeg", "x-user-id": user}).json()["version"]
+                    for _ in range(8)}
+            assert len(seen) == 1, (user, seen)
+    finally:
+        deploy(compose(*_serve_overrides(served["root"], *_traffic(80, 20, shadow="v3"),
+                                         "serve.chaos_fail_versions=[v3]")))
+
+
+def test_weight_change_in_place_drops_no_request(served) -> None:
+    import ray
+
+    from mlplatform.deployments.serve_mode import deploy
+
+    def replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if "model-v" in a["name"] or "Ingress" in a["name"]}
+
+    before = replicas()
+    img, stop, results = _jpeg(), threading.Event(), []
+
+    def load() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(URL + "/predict", data=img, headers={"content-type": "image/jpeg"}, timeout=30)
+                results.append((time.time(), r.status_code, r.json().get("version")))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    changed_at = time.time()
+    deploy(compose(*_serve_overrides(served["root"], *_traffic(100, 0, shadow="v3"),
+                                     "serve.chaos_fail_versions=[v3]")))
+    applied_at = time.time()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert results and all(status == 200 for _, status, _ in results), Counter(s for _, s, _ in results)
+    assert any(ts < changed_at for ts, _, _ in results) and any(ts > applied_at for ts, _, _ in results)
+    late = [v for ts, _, v in results if ts > applied_at + 1]
+    assert late and set(late) == {"v1"}  # the new weights hold
+    assert replicas() == before  # no model or ingress replica restarted: the change was in place
+    deploy(compose(*_serve_overrides(served["root"], *_traffic(80, 20, shadow="v3"),
+                                     "serve.chaos_fail_versions=[v3]")))
+
+
+def test_invalid_traffic_configs_fail_before_deploying(served) -> None:
+    from mlplatform.deployments.serve_mode import resolve_settings
+
+    with pytest.raises(ConfigError, match="weights must sum to 100"):
+        compose(*_serve_overrides(served["root"], *_traffic(50, 60)))
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        compose(*_serve_overrides(served["root"], "serve.deployment.max_ongoing_requests=4"))
+    cfg = compose(*_serve_overrides(served["root"], "serve.versions=[{ref: v99, role: stable, weight: 100}]"))
+    with pytest.raises(ConfigError, match=r"serve.versions\[0\].ref=v99"):
+        resolve_settings(cfg)
+
+
+# ----------------------------------------------------------------------------- health and OIP
+
+
+def test_health_and_readiness(served) -> None:
+    assert requests.get(URL + "/v2/health/live", timeout=10).json() == {"live": True}
+    assert requests.get(URL + "/v2/health/ready", timeout=10).json() == {"ready": True}
+    assert requests.get(f"{URL}/v2/models/{MODEL}/ready", timeout=10).status_code == 200
+    assert requests.get(f"{URL}/v2/models/{MODEL}/versions/v2/ready", timeout=10).status_code == 200
+    _assert_error(requests.get(f"{URL}/v2/models/nope/ready", timeout=10), 404)
+    meta = requests.get(f"{URL}/v2/models/{MODEL}", timeout=10).json()
+    assert meta["name"] == MODEL and meta["inputs"][0]["name"] == "image"
+    assert requests.get(URL + "/docs", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_oip_with_tritonclient(served, binary: bool) -> None:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{PORT}")
+    assert client.is_server_live() and client.is_model_ready(MODEL)
+    images = [_jpeg(s, 1) for s in range(3)]
+    inp = httpclient.InferInput("image", [3], "BYTES")
+    if binary:
+        inp.set_data_from_numpy(np.array(images, dtype=np.object_), binary_data=True)
+    else:
+        inp.set_data_from_numpy(np.array([base64.b64encode(b) for b in images], dtype=np.object_),
+                                binary_data=False)
+    outs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+            httpclient.InferRequestedOutput("label", binary_data=binary)]
+    res = client.infer(MODEL, [inp], outputs=outs)
+    probs = res.as_numpy("probabilities")
+    assert probs.shape == (3, len(served["labels"])) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    labels = [x.decode() if isinstance(x, bytes) else x for x in res.as_numpy("label")]
+    assert labels == [served["labels"][i] for i in probs.argmax(1)]
+    pinned = client.infer(MODEL, [inp], outputs=outs, model_version="v2")
+    assert pinned.get_response()["model_version"] == "v2"
+
+
+def test_oip_errors_are_json(served) -> None:
+    _assert_error(requests.post(f"{URL}/v2/models/{MODEL}/infer", data=b"{bad", timeout=10), 400)
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    _assert_error(requests.post(f"{URL}/v2/models/{MODEL}/infer", json=body, timeout=10), 422)
+    _assert_error(requests.post(f"{URL}/v2/models/{MODEL}/versions/v9/infer", json=body, timeout=10), 404)
+
+
+def test_serve_config_never_serves_a_tampered_version(served, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from mlplatform.deployments.serve_mode import resolve_settings
+    from mlplatform.errors import JobFailed
+
+    root = tmp_path / "copy"
+    shutil.copytree(served["root"] / "registry", root / "registry")
+    weights = root / "registry" / MODEL / "v1" / "model.safetensors"
+    os.chmod(weights, 0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(JobFailed, match="refusing to serve"):
+        resolve_settings(compose(*_serve_overrides(root, "serve.versions=[{ref: v1, role: stable, weight: 100}]")))
+
+
+def test_deploy_summary_names_the_urls(served) -> None:
+    summary = served["summary"]
+    assert summary["endpoint"] == f"{URL}/predict" and summary["docs"] == f"{URL}/docs"
+    assert summary["versions"] == [{"version": "v1", "role": "stable", "weight": 80},
+                                   {"version": "v2", "role": "canary", "weight": 20}]
+    assert json.loads(json.dumps(summary)) == summary
