@@ -23,10 +23,10 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Today's most complete end-to-end path: data snapshot, training, gate, registry, model card
-# on the default synthetic species (the data job runs first inside +mode=train).
+# Today's most complete end-to-end path: serve the production model; with an empty registry,
+# first run the data snapshot, training, gate, registry and model card on the default species.
 run: install
-	$(BIN)/python run.py +mode=train $(ARGS)
+	$(BIN)/python run.py +mode=serve serve.train_if_empty=true $(ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -301,6 +301,37 @@ class ServeConf:
     block: str = "auto"
     # Drill knob: versions whose predictions raise (to test that a failing shadow is harmless).
     chaos_fail_versions: list[str] = field(default_factory=list)
+    # Train the configured model first when the registry has no version yet (make run).
+    train_if_empty: bool = False
+
+
+@dataclass
+class PredictConf:
+    # A folder of images (searched recursively) or a snapshot manifest.jsonl.
+    input: str | None = None
+    # A version id or alias.
+    version: str = "production"
+    output: str | None = None
+    top_k: int = 5
+    batch_size: int = 64
+    # Actors in the pool, each holding one copy of the extended model.
+    concurrency: int = 1
+    num_cpus_per_actor: float = 1.0
+
+
+@dataclass
+class DeployConf:
+    out_dir: str | None = None
+    image: str = "rayproject/ray:2.60.0-py311"
+    image_gpu: str = "rayproject/ray:2.60.0-py311-gpu"
+    namespace: str = "mlplatform"
+    head_cpus: int = 2
+    head_memory: str = "8Gi"
+    worker_cpus: int = 4
+    worker_memory: str = "16Gi"
+    worker_gpus: int = 1
+    min_workers: int = 1
+    max_workers: int = 4
 
 
 @dataclass
@@ -316,6 +347,8 @@ class Config:
     evaluate: EvaluateConf = field(default_factory=EvaluateConf)
     promote: PromoteConf = field(default_factory=PromoteConf)
     serve: ServeConf = field(default_factory=ServeConf)
+    deploy: DeployConf = field(default_factory=DeployConf)
+    predict: PredictConf = field(default_factory=PredictConf)
     seed: int = 0
 
 

@@ -40,6 +40,12 @@ def _serve(cfg: DictConfig) -> dict[str, Any]:
         return run_serve(cfg, session)
 
 
+def _deploy(cfg: DictConfig) -> dict[str, Any]:
+    from mlplatform.deployments.manifests import run_deploy
+
+    return run_deploy(cfg)
+
+
 def _registry(cfg: DictConfig) -> dict[str, Any]:
     from mlplatform.training.evaluate import run_registry
 
@@ -58,6 +64,9 @@ MODES: dict[str, tuple[Callable[[DictConfig], dict[str, Any]], str]] = {
     "promote": (_with_ray("mlplatform.training.evaluate", "run_promote"),
                 "judge a version against production with the promotion gate"),
     "serve": (_serve, "deploy conf/serve on Ray Serve (REST + Open Inference Protocol); block until SIGINT/SIGTERM"),
+    "predict": (_with_ray("mlplatform.deployments.predict", "run_predict"),
+                "offline batch inference over a folder or manifest with Ray Data; writes Parquet"),
+    "deploy": (_deploy, "write the Serve config, a KubeRay RayService and a Dockerfile; start nothing"),
     "registry": (_registry, "list versions, metrics, aliases and lineage; registry.set_alias=alias:vN"),
 }
 

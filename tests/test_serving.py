@@ -311,3 +311,57 @@ def test_deploy_summary_names_the_urls(served) -> None:
     assert summary["versions"] == [{"version": "v1", "role": "stable", "weight": 80},
                                    {"version": "v2", "role": "canary", "weight": 20}]
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_deploy_writes_a_serve_config_ray_accepts_and_a_rayservice(served, tmp_path: Path) -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from mlplatform.deployments.manifests import run_deploy
+
+    cfg = compose(*_serve_overrides(served["root"], *_traffic(90, 10, shadow="v3"),
+                                    "serve.deployment.num_gpus=0.5", f"deploy.out_dir={tmp_path}"))
+    out = run_deploy(cfg)
+    config = yaml.safe_load(Path(out["serve_config"]).read_text())
+    parsed = ServeDeploySchema.model_validate(config)  # Ray's own schema
+    app = parsed.applications[0]
+    assert app.import_path == "mlplatform.deployments.app:build_app"
+    by_name = {d.name: d for d in app.deployments}
+    assert set(by_name) == {"Ingress", "model-v1", "model-v2", "model-v3"}
+    assert by_name["Ingress"].user_config["routes"][1] == {"version": "v2", "role": "canary", "weight": 10}
+    assert by_name["model-v1"].ray_actor_options["num_gpus"] == 0.5
+    assert by_name["model-v1"].autoscaling_config["max_replicas"] == 1
+    service = yaml.safe_load(Path(out["rayservice"]).read_text())
+    assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
+    ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    worker = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and out["gpu"] is True
+    docker = Path(out["dockerfile"]).read_text()
+    assert docker.startswith("# Generated") and "FROM rayproject/ray:2.60.0-py311-gpu" in docker
+    assert "-c constraints.txt" in docker
+
+
+def test_timeouts_give_504_and_backpressure_503_with_retry_after(served) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlplatform.deployments.serve_mode import deploy
+
+    base = [*_traffic(80, 20, shadow="v3"), "serve.chaos_fail_versions=[v3]"]
+    try:
+        deploy(compose(*_serve_overrides(served["root"], *base, "serve.request_timeout_s=0.0001")))
+        _assert_error(_post(data=_jpeg(), headers={"content-type": "image/jpeg"}), 504)
+        deploy(compose(*_serve_overrides(served["root"], *base, "serve.batching.max_batch_size=1",
+                                         "serve.batching.batch_wait_timeout_s=0",
+                                         "serve.deployment.max_ongoing_requests=2",
+                                         "serve.deployment.max_queued_requests=1")))
+        img = _jpeg(size=256)
+        with ThreadPoolExecutor(48) as pool:
+            responses = list(pool.map(lambda _: _post(data=img, headers={"content-type": "image/jpeg"}),
+                                      range(96)))
+        codes = Counter(r.status_code for r in responses)
+        assert set(codes) <= {200, 503} and codes[503] > 0 and codes[200] > 0, codes
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["code"] == "overloaded"
+    finally:
+        deploy(compose(*_serve_overrides(served["root"], *base)))
+    assert _post(data=_jpeg(), headers={"content-type": "image/jpeg"}).status_code == 200

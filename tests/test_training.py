@@ -186,3 +186,26 @@ def test_tune_two_trials_registers_the_best(ray_cluster, tmp_path: Path) -> None
     meta = _registry(tmp_path).get("v1")
     assert meta["source"] == "tune" and meta["tune_best_config"] == out["best_config"]
     assert meta["history"][-1]["val/acc"] == pytest.approx(max(finished))  # the best finished trial
+
+
+def test_offline_predict_writes_parquet_with_the_extended_model(ray_cluster, trained, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from mlplatform.deployments.predict import run_predict
+
+    root, summary = trained
+    images = next((root / "datasets").iterdir())
+    (tmp_path / "in" / "x").mkdir(parents=True)
+    for f in sorted(images.glob("*/*.jpg"))[::5]:
+        (tmp_path / "in" / "x" / f"{f.parent.name}__{f.name}").write_bytes(f.read_bytes())
+    (tmp_path / "in" / "x" / "broken.jpg").write_bytes(b"not an image")
+    out = run_predict(compose("+mode=predict", "+experiment=smoke", f"paths.root={root}",
+                              f"predict.input={tmp_path / 'in'}", f"predict.output={tmp_path / 'out'}",
+                              "predict.num_cpus_per_actor=0.5", "predict.top_k=3"))
+    table = pq.read_table(str(tmp_path / "out")).to_pandas()
+    assert out["images"] == len(table) == 8 * 40 // 5 + 1 and out["failed"] == 1
+    assert set(table["version"]) == {summary["version"]}
+    good = table[table["error"] == ""]
+    assert all(len(json.loads(x)) == 3 for x in good["labels"])
+    truth = good["path"].map(lambda p: Path(p).name.split("__")[0])
+    assert (good["top1"] == truth).mean() > 2.5 * CHANCE  # the same model as serving, well above chance

@@ -51,6 +51,16 @@ class ServeSettings(BaseModel):
     chaos_fail_versions: list[str] = []
 
 
+def _json_logs() -> None:
+    """One JSON object per line on the replica's stderr (Ray keeps it in the replica log)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 # ----------------------------------------------------------------------------- model replicas
 
 
@@ -144,6 +154,7 @@ def _request_id(request: Request) -> str:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        _json_logs()
         self.s = ServeSettings(**settings)
         self.models = models
         self.limits = I.InputLimits.from_dict(self.s.inputs)
@@ -452,9 +463,16 @@ def model_user_config(s: dict[str, Any], version: str) -> dict[str, Any]:
     return {**batching, "chaos_fail": version in (s.get("chaos_fail_versions") or [])}
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Typed application builder: `serve run mlplatform.deployments.app:build_app settings=...`."""
-    raw = args.get("settings", args)
+class AppArgs(BaseModel):
+    """The builder's typed arguments: Serve validates `args` against this model."""
+
+    settings: dict[str, Any]
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """Typed application builder for `serve run` / `serve deploy` (import path
+    `mlplatform.deployments.app:build_app`); `+mode=serve` deploys through it too."""
+    raw = args.settings
     s = ServeSettings(**raw)
     handles: dict[str, Any] = {}
     for entry in [*s.versions, *s.shadows]:

@@ -113,7 +113,20 @@ def deploy(cfg: DictConfig, session: Any = None, timeout_s: float = 300) -> dict
 
 
 def run_serve(cfg: DictConfig, session: Any) -> dict[str, Any]:
+    trained = None
+    if cfg.serve.train_if_empty:
+        reg = Registry(storage.resolve_root(cfg.registry.root), cfg.registry.model_name)
+        if not reg.versions():
+            from mlplatform.training.job import run_train
+
+            log.info("the registry is empty: training %s first", cfg.model._target_)
+            trained = run_train(cfg)
+            if trained["gate"]["verdict"] != "blessed":
+                raise JobFailed(f"the first model was rejected by the gate: {trained['gate']['reasons']}",
+                                {"mode": "serve", "trained": trained})
     summary = deploy(cfg, session)
+    if trained:
+        summary["trained"] = {k: trained[k] for k in ("version", "metrics", "model_card")}
     block = cfg.serve.block
     block = session.started if block == "auto" else str(block).lower() == "true"
     for key in ("endpoint", "docs", "dashboard", "metrics"):

@@ -1,0 +1,188 @@
+"""Serving throughput and latency: the raw model limit, a naive server, and the platform
+with batching off and on, at several client concurrencies, in one run.
+
+(a) limit: the extended model's forward pass at its best batch size, in-process;
+(b) naive: a one-request-at-a-time FastAPI + uvicorn server of the same model;
+(c) platform, batching off (max_batch_size=1); (d) platform, batching on.
+Single-image JPEG requests over HTTP on loopback. Prints a table, writes
+bench/results/serve.json. Usage: python bench/bench_serve.py [--seconds 6] [--model mobilenet_v3_small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+from hydra import compose, initialize_config_dir
+
+from mlplatform import storage
+from mlplatform.config import register_configs, validate
+from mlplatform.data import synthetic
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONCURRENCY = (1, 8, 32, 64)
+
+
+def _cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    validate(cfg)
+    return cfg
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    synthetic.render(3, 1, 64).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+async def _load(url: str, body: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                r = await client.post(url, content=body, headers={"content-type": "image/jpeg"})
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"images_per_s": round(len(latencies) / wall, 1), "errors": errors,
+            "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+            "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
+            "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None}
+
+
+def _naive_server(registry_root: str, model_name: str, version: str, port: int) -> None:
+    """What a user would otherwise write: decode and predict inside the handler, one at a time."""
+    import uvicorn
+    from fastapi import FastAPI, Request
+
+    from mlplatform.data.preprocess import decode
+    from mlplatform.deployments.extended import ExtendedModel
+
+    model = ExtendedModel(registry_root, model_name, version)
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(body: bytes = b"") -> dict:  # sync handler: FastAPI runs it in a thread pool
+        raise RuntimeError("unused")
+
+    @app.post("/p")
+    async def p(request: Request) -> dict:
+        pred = model.predict([decode(await request.body())], 5)[0]
+        return {"predictions": [{"label": a, "score": b} for a, b in zip(pred.labels, pred.scores, strict=True)]}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", workers=1)
+
+
+def _limit(registry_root: str, model_name: str, version: str) -> dict[str, float]:
+    from mlplatform.deployments.extended import ExtendedModel
+
+    model = ExtendedModel(registry_root, model_name, version)
+    arr = np.stack([np.asarray(synthetic.render(3, i, 64)) for i in range(64)])
+    best = {}
+    for bs in (1, 8, 32, 64):
+        x = model.to_tensor(arr[:bs])
+        model.forward(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2.0:
+            model.forward(x)
+            n += bs
+        best[bs] = n / (time.perf_counter() - t0)
+    top = max(best, key=best.get)
+    return {"images_per_s": round(best[top], 1), "best_batch_size": top,
+            "by_batch_size": {k: round(v, 1) for k, v in best.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--model", default="mobilenet_v3_small")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    args = ap.parse_args()
+    register_configs()
+    body = _jpeg()
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["+experiment=smoke", f"model={args.model}", f"paths.root={tmp}", "logger=none",
+                "train.epochs=1", "data.synthetic.image_size=64"]
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        from mlplatform.training.job import run_train
+
+        trained = run_train(_cfg(["+mode=train", *base]))
+        reg_root, name, version = str(Path(tmp) / "registry"), "species-classifier", trained["version"]
+        results["a_limit"] = _limit(reg_root, name, version)
+
+        proc = mp.get_context("spawn").Process(target=_naive_server, args=(reg_root, name, version, 8790),
+                                               daemon=True)
+        proc.start()
+        for _ in range(120):
+            try:
+                httpx.post("http://127.0.0.1:8790/p", content=body, timeout=5)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        results["b_naive"] = {c: asyncio.run(_load("http://127.0.0.1:8790/p", body, c, args.seconds))
+                              for c in CONCURRENCY}
+        proc.terminate()
+
+        from ray import serve
+
+        from mlplatform.deployments.serve_mode import deploy
+
+        for key, batch in (("c_batching_off", 1), ("d_batching_on", 32)):
+            cfg = _cfg(["+mode=serve", *base, "serve.port=8791", f"serve.batching.max_batch_size={batch}",
+                        "serve.batching.batch_wait_timeout_s=0.005", "serve.deployment.num_cpus=1",
+                        "serve.deployment.min_replicas=1", "serve.deployment.max_replicas=1",
+                        "serve.deployment.max_ongoing_requests=128", "serve.deployment.max_queued_requests=-1",
+                        "serve.ingress_cpus=0.5"])
+            deploy(cfg)
+            asyncio.run(_load("http://127.0.0.1:8791/predict", body, 4, 1.0))  # warm up
+            results[key] = {c: asyncio.run(_load("http://127.0.0.1:8791/predict", body, c, args.seconds))
+                            for c in CONCURRENCY}
+        serve.shutdown()
+        ray.shutdown()
+
+    limit = results["a_limit"]["images_per_s"]
+    print(f"(a) limit: raw forward {limit} img/s at batch {results['a_limit']['best_batch_size']} "
+          f"({results['a_limit']['by_batch_size']})")
+    print(f"{'target':<22}{'conc':>6}{'img/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for key in ("b_naive", "c_batching_off", "d_batching_on"):
+        for c, r in results[key].items():
+            print(f"{key:<22}{c:>6}{r['images_per_s']:>10}{str(r['p50_ms']):>10}{str(r['p95_ms']):>10}"
+                  f"{str(r['p99_ms']):>10}{r['errors']:>8}")
+    on32, naive32 = results["d_batching_on"][32]["images_per_s"], results["b_naive"][32]["images_per_s"]
+    summary = {"batching_on_vs_naive_at_32": round(on32 / naive32, 2) if naive32 else None,
+               "batching_on_vs_limit_at_32": round(on32 / limit, 2) if limit else None,
+               "cpus": os.cpu_count(), "model": args.model, "seconds_per_point": args.seconds}
+    print(f"at concurrency 32: batching on = {summary['batching_on_vs_naive_at_32']}x the naive server, "
+          f"{summary['batching_on_vs_limit_at_32']:.0%} of the limit (targets: >= 2x and >= 60%)")
+    storage.write_json(args.out, {"results": results, "summary": summary,
+                                  "median_p50_ms": statistics.median(
+                                      r["p50_ms"] for r in results["d_batching_on"].values() if r["p50_ms"])})
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
