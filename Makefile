@@ -37,6 +37,7 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_serve.py
 
 clean:
 	rm -rf artifacts outputs .pytest_cache .ruff_cache

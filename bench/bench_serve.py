@@ -8,8 +8,6 @@ Single-image JPEG requests over HTTP on loopback. Prints a table, writes
 bench/results/serve.json. Usage: python bench/bench_serve.py [--seconds 6] [--model mobilenet_v3_small]
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import io
@@ -84,12 +82,8 @@ def _naive_server(registry_root: str, model_name: str, version: str, port: int) 
     model = ExtendedModel(registry_root, model_name, version)
     app = FastAPI()
 
-    @app.post("/predict")
-    def predict(body: bytes = b"") -> dict:  # sync handler: FastAPI runs it in a thread pool
-        raise RuntimeError("unused")
-
     @app.post("/p")
-    async def p(request: Request) -> dict:
+    async def p(request: Request) -> dict:  # decode and predict in the handler, one at a time
         pred = model.predict([decode(await request.body())], 5)[0]
         return {"predictions": [{"label": a, "score": b} for a, b in zip(pred.labels, pred.scores, strict=True)]}
 
@@ -126,7 +120,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = ["+experiment=smoke", f"model={args.model}", f"paths.root={tmp}", "logger=none",
-                "train.epochs=1", "data.synthetic.image_size=64"]
+                "train.epochs=1", "data.synthetic.image_size=64", "data.quality.min_images_per_split=0"]
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         from mlplatform.training.job import run_train
 
@@ -152,7 +146,8 @@ def main() -> None:
         from mlplatform.deployments.serve_mode import deploy
 
         for key, batch in (("c_batching_off", 1), ("d_batching_on", 32)):
-            cfg = _cfg(["+mode=serve", *base, "serve.port=8791", f"serve.batching.max_batch_size={batch}",
+            cfg = _cfg(["+mode=serve", *base, "serve.port=8791",
+                        f"serve.versions=[{{ref: {version}, role: stable, weight: 100}}]", f"serve.batching.max_batch_size={batch}",
                         "serve.batching.batch_wait_timeout_s=0.005", "serve.deployment.num_cpus=1",
                         "serve.deployment.min_replicas=1", "serve.deployment.max_replicas=1",
                         "serve.deployment.max_ongoing_requests=128", "serve.deployment.max_queued_requests=-1",

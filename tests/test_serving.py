@@ -326,11 +326,11 @@ def test_deploy_writes_a_serve_config_ray_accepts_and_a_rayservice(served, tmp_p
     parsed = ServeDeploySchema.model_validate(config)  # Ray's own schema
     app = parsed.applications[0]
     assert app.import_path == "mlplatform.deployments.app:build_app"
-    by_name = {d.name: d for d in app.deployments}
+    by_name = {d.name: d.model_dump(exclude_unset=True) for d in app.deployments}
     assert set(by_name) == {"Ingress", "model-v1", "model-v2", "model-v3"}
-    assert by_name["Ingress"].user_config["routes"][1] == {"version": "v2", "role": "canary", "weight": 10}
-    assert by_name["model-v1"].ray_actor_options["num_gpus"] == 0.5
-    assert by_name["model-v1"].autoscaling_config["max_replicas"] == 1
+    assert by_name["Ingress"]["user_config"]["routes"][1] == {"version": "v2", "role": "canary", "weight": 10}
+    assert by_name["model-v1"]["ray_actor_options"]["num_gpus"] == 0.5
+    assert by_name["model-v1"]["autoscaling_config"]["max_replicas"] == 1
     service = yaml.safe_load(Path(out["rayservice"]).read_text())
     assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
     ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))

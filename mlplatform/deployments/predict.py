@@ -86,8 +86,8 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
                         batch_size=p.batch_size, batch_format="numpy", num_cpus=p.num_cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=p.concurrency))
     ds.write_parquet(out)
-    rows = ray.data.read_parquet(out)
-    n, failed = rows.count(), rows.filter(lambda r: r["error"] != "").count()
+    errors = ray.data.read_parquet(out, columns=["error"]).to_pandas()["error"]
+    n, failed = len(errors), int((errors != "").sum())
     return {"mode": "predict", "version": version, "input": source, "output": out, "images": n,
             "failed": failed, "seconds": round(time.time() - started, 2),
             "images_per_s": round(n / max(time.time() - started, 1e-9), 1)}
