@@ -55,7 +55,7 @@ def test_version_holds_weights_lineage_and_reference(trained) -> None:
     history = meta["history"]
     assert history[-1]["train/loss"] < history[0]["train/loss"]  # loss falls
     assert meta["data_snapshot"]["hash"].startswith(summary["data_snapshot"])
-    assert meta["git_commit"] and meta["config"]["train"]["epochs"] == 4
+    assert meta["git_commit"] and meta["config"]["train"]["epochs"] == 8
     assert meta["preprocess"]["labels"] == meta["labels"] and len(meta["labels"]) == 8
     for name in ("label_map.json", "model_card.md", "confusion_matrix.png", "reference.npz", "metrics.json"):
         assert name in meta["files"], name
@@ -156,9 +156,9 @@ def test_resumes_from_checkpoint_after_worker_dies(ray_cluster, tmp_path: Path) 
     # Restarted from a checkpoint, not from scratch: the latest one Ray had registered when the
     # worker died (epoch 1's, or epoch 0's if the kill beat its registration).
     assert out["resumed_from_epoch"] in (1, 2)
-    assert out["epochs_run"] == 4
+    assert out["epochs_run"] == 8
     history = _registry(tmp_path).get(out["version"])["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in history] == list(range(8))
     assert glob.glob(str(tmp_path / "ray_results" / out["run"] / "chaos" / "chaos-killed-epoch-2"))
 
 
@@ -207,5 +207,12 @@ def test_offline_predict_writes_parquet_with_the_extended_model(ray_cluster, tra
     assert set(table["version"]) == {summary["version"]}
     good = table[table["error"] == ""]
     assert all(len(json.loads(x)) == 3 for x in good["labels"])
+    # The same extended model as serving: identical answers, image by image.
+    from mlplatform.data.preprocess import decode
+    from mlplatform.deployments.extended import ExtendedModel
+
+    model = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"])
+    direct = [p.labels[0] for p in model.predict([decode(Path(x).read_bytes()) for x in good["path"]], 1)]
+    assert list(good["top1"]) == direct
     truth = good["path"].map(lambda p: Path(p).name.split("__")[0])
-    assert (good["top1"] == truth).mean() > 2.5 * CHANCE  # the same model as serving, well above chance
+    assert (good["top1"] == truth).mean() > 1.5 * CHANCE
