@@ -550,7 +550,7 @@ def validate_serve(serve: DictConfig) -> None:
     if not 1 <= serve.top_k:
         raise ConfigError("serve.top_k", serve.top_k, "must be >= 1")
     _positive("serve.request_timeout_s", serve.request_timeout_s)
-    if serve.block not in ("auto", "true", "false", True, False):
+    if str(serve.block).lower() not in ("auto", "true", "false"):
         raise ConfigError("serve.block", serve.block, "must be auto, true or false")
     if not 0 < serve.port < 65536:
         raise ConfigError("serve.port", serve.port, "must be a TCP port")
