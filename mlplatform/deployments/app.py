@@ -98,24 +98,16 @@ class ModelServer:
         if self.fail:
             raise RuntimeError(f"chaos: {self.version} is configured to fail (serve.chaos_fail_versions)")
         t0 = time.perf_counter()
-        batch = np.stack([it[0] for it in items])
-        probs, emb = self.model.forward(self.model.to_tensor(batch))
-        ks = [min(int(it[1]), self.model.num_classes) for it in items]
-        from mlplatform.training.metrics import top_k_from_probs
-
-        idx, scores = top_k_from_probs(probs, max(ks))
-        dt = time.perf_counter() - t0
+        preds = self.model.predict_arrays(np.stack([it[0] for it in items]), [int(it[1]) for it in items])
         tags = {"version": self.version}
         self.batch_sizes.observe(len(items), tags=tags)
-        self.infer_latency.observe(dt, tags={**tags, "stage": "inference"})
+        self.infer_latency.observe(time.perf_counter() - t0, tags={**tags, "stage": "inference"})
         out = []
-        for i, (it, k) in enumerate(zip(items, ks, strict=True)):
+        for it, p in zip(items, preds, strict=True):
             self.infer_latency.observe(max(0.0, t0 - it[2]), tags={**tags, "stage": "queue"})
-            top1 = self.model.labels[int(idx[i, 0])]
-            self.species.inc(tags={**tags, "species": top1})
-            out.append({"labels": [self.model.labels[j] for j in idx[i, :k]],
-                        "scores": [float(s) for s in scores[i, :k]],
-                        "probabilities": probs[i], "embedding": emb[i], "batch_size": len(items)})
+            self.species.inc(tags={**tags, "species": p.labels[0]})
+            out.append({"labels": p.labels, "scores": p.scores, "probabilities": p.probabilities,
+                        "embedding": p.embedding, "batch_size": len(items)})
         return out
 
     async def check_health(self) -> None:

@@ -66,9 +66,6 @@ class ExtendedModel:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.to_tensor(np.stack([to_uint8(img, self.spec) for img in images]))
-
     def to_tensor(self, batch_uint8: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3), already resized and cropped with this version's spec."""
         x = normalize_torch(torch.from_numpy(np.ascontiguousarray(batch_uint8)).to(self.device), self.spec)
@@ -87,8 +84,12 @@ class ExtendedModel:
         """One batched forward pass over `images`; top_k may differ per image."""
         if not images:
             return []
-        probs, emb = self.forward(self.preprocess(images))
-        ks = top_k if isinstance(top_k, list) else [top_k] * len(images)
+        return self.predict_arrays(np.stack([to_uint8(img, self.spec) for img in images]), top_k)
+
+    def predict_arrays(self, batch_uint8: np.ndarray, top_k: int | list[int] = 5) -> list[Prediction]:
+        """The forward pass and post-processing for images already resized with this spec."""
+        probs, emb = self.forward(self.to_tensor(batch_uint8))
+        ks = top_k if isinstance(top_k, list) else [top_k] * len(probs)
         kmax = min(max(ks), self.num_classes)
         idx, scores = M.top_k_from_probs(probs, kmax)
         out = []

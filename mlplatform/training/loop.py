@@ -202,11 +202,12 @@ def _finish(model: torch.nn.Module, best_state: dict[str, torch.Tensor] | None, 
     test = ray.train.get_dataset_shard("test")
     logits, y, _ = forward_batches(net, test.iter_torch_batches(batch_size=tcfg["eval_batch_size"],
                                                                 device=device), spec, device, dtype=dtype)
-    summary = M.summarize(M.softmax(logits), y, labels, prefix="test")
+    probs = M.softmax(logits)
+    summary = M.summarize(probs, y, labels, prefix="test")
     ref_logits, _, ref_emb = forward_batches(net, ray.train.get_dataset_shard("reference").iter_torch_batches(
         batch_size=tcfg["eval_batch_size"], device=device), spec, device, embeddings=True, dtype=dtype)
     cm_png = M.confusion_matrix_png(summary["confusion_matrix"], labels, title="Test confusion matrix")
-    reliability = M.reliability_png(M.softmax(logits), y)
+    reliability = M.reliability_png(probs, y)
     # Ray refuses torch tensors in a return value: numpy arrays cross to the driver instead.
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if tracker is not None:

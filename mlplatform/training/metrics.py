@@ -82,15 +82,19 @@ def _calibration_bins(confidence: np.ndarray, correct: np.ndarray,
     return counts, acc_sum / safe, conf_sum / safe
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """ECE: the bin-size-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+def _calibration(probs: np.ndarray, labels: np.ndarray, n_bins: int,
+                 what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Bins (count, accuracy, mean confidence) and the ECE they give, for ECE and the diagram."""
     p, y = _check(probs, labels)
     if y.size == 0:
-        raise ValueError("cannot compute ECE of zero samples")
-    conf = p.max(axis=1)
-    correct = p.argmax(axis=1) == y
-    counts, acc, mean_conf = _calibration_bins(conf, correct, n_bins)
-    return float(np.sum(counts / y.size * np.abs(acc - mean_conf)))
+        raise ValueError(f"cannot compute {what} of zero samples")
+    counts, acc, mean_conf = _calibration_bins(p.max(axis=1), p.argmax(axis=1) == y, n_bins)
+    return counts, acc, mean_conf, float(np.sum(counts / y.size * np.abs(acc - mean_conf)))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: the bin-size-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    return _calibration(probs, labels, n_bins, "ECE")[3]
 
 
 def summarize(probs: np.ndarray, labels: np.ndarray, label_names: list[str], prefix: str = "test",
@@ -306,13 +310,7 @@ def reliability_png(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> 
 
     Bars below the diagonal mean over-confidence; the title carries the ECE being pictured.
     """
-    p, y = _check(probs, labels)
-    if y.size == 0:
-        raise ValueError("cannot draw a reliability diagram of zero samples")
-    conf = p.max(axis=1)
-    correct = p.argmax(axis=1) == y
-    counts, acc, mean_conf = _calibration_bins(conf, correct, n_bins)
-    ece = float(np.sum(counts / y.size * np.abs(acc - mean_conf)))
+    counts, acc, mean_conf, ece = _calibration(probs, labels, n_bins, "a reliability diagram")
     width = 1.0 / n_bins
     centers = (np.arange(n_bins) + 0.5) * width
     filled = counts > 0
@@ -328,6 +326,6 @@ def reliability_png(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> 
     ax.set_ylim(0, 1)
     ax.set_xlabel("Confidence")
     ax.set_ylabel("Accuracy")
-    ax.set_title(f"Reliability diagram (ECE {ece:.4f}, n={y.size})")
+    ax.set_title(f"Reliability diagram (ECE {ece:.4f}, n={int(counts.sum())})")
     ax.legend(loc="upper left")
     return _png(plt, fig)

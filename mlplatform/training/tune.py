@@ -19,19 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mlplatform import storage
+from mlplatform.data.preprocess import PreprocessSpec
 from mlplatform.errors import ConfigError, JobFailed
 from mlplatform.training.job import make_trainer, prepare, register_result, run_name
 
 log = logging.getLogger(__name__)
 
 
-def _trial(config: dict[str, Any], cfg_container: dict[str, Any], spec_labels: Any, dsets: dict,
+def _trial(config: dict[str, Any], cfg_container: dict[str, Any], spec: PreprocessSpec, dsets: dict,
            tune_name: str, storage_path: str) -> dict[str, Any]:
     """One trial: a full distributed training run whose epochs are reported to Tune."""
     cfg = OmegaConf.create(cfg_container)
     ctx = ray.tune.get_context()
     name = f"{tune_name}-{ctx.get_trial_id()}"
-    spec = spec_labels
     trainer = make_trainer(cfg, cfg_container, spec, dsets, name, storage_path, overrides=config,
                            callbacks=[TuneReportCallback()])
     result = trainer.fit()
@@ -78,7 +78,7 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
     # trial on its last epoch, before the trial returns its test metrics and weights.
     sched_kwargs = {"max_t": cfg.train.epochs + 1} if "max_t" not in tcfg.scheduler else {}
     scheduler = instantiate(tcfg.scheduler, **sched_kwargs)
-    trainable = ray.tune.with_parameters(_trial, cfg_container=resolved, spec_labels=spec, dsets=dsets,
+    trainable = ray.tune.with_parameters(_trial, cfg_container=resolved, spec=spec, dsets=dsets,
                                          tune_name=name, storage_path=storage_path)
     # The trial function only drives a TorchTrainer; its workers hold the real resources.
     trainable = ray.tune.with_resources(trainable, {"cpu": float(tcfg.driver_cpus)})
