@@ -39,9 +39,9 @@ def _cfg(overrides: list[str]):
     return cfg
 
 
-def _jpeg() -> bytes:
+def _jpeg(size: int = 64) -> bytes:
     buf = io.BytesIO()
-    synthetic.render(3, 1, 64).save(buf, format="JPEG")
+    synthetic.render(3, 1, size).save(buf, format="JPEG")
     return buf.getvalue()
 
 
@@ -90,11 +90,11 @@ def _naive_server(registry_root: str, model_name: str, version: str, port: int) 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", workers=1)
 
 
-def _limit(registry_root: str, model_name: str, version: str) -> dict[str, float]:
+def _limit(registry_root: str, model_name: str, version: str, size: int) -> dict[str, float]:
     from mlplatform.deployments.extended import ExtendedModel
 
     model = ExtendedModel(registry_root, model_name, version)
-    arr = np.stack([np.asarray(synthetic.render(3, i, 64)) for i in range(64)])
+    arr = np.stack([np.asarray(synthetic.render(3, i, size)) for i in range(64)])
     best = {}
     for bs in (1, 8, 32, 64):
         x = model.to_tensor(arr[:bs])
@@ -113,20 +113,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--model", default="mobilenet_v3_small")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    ap.add_argument("--image-size", type=int, default=64,
+                    help="the served model's input size (64 is the default config; 224 is typical of real photos)")
+    ap.add_argument("--out", default=None, help="default: bench/results/serve.json (serve-<size>.json if not 64)")
     args = ap.parse_args()
+    suffix = "" if args.image_size == 64 else f"-{args.image_size}"
+    args.out = args.out or str(Path(__file__).parent / "results" / f"serve{suffix}.json")
     register_configs()
-    body = _jpeg()
+    body = _jpeg(args.image_size)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = ["+experiment=smoke", f"model={args.model}", f"paths.root={tmp}", "logger=none",
-                "train.epochs=1", "data.synthetic.image_size=64", "data.quality.min_images_per_split=0"]
+                "train.epochs=1", f"data.synthetic.image_size={args.image_size}", "data.quality.min_images_per_split=0"]
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         from mlplatform.training.job import run_train
 
         trained = run_train(_cfg(["+mode=train", *base]))
         reg_root, name, version = str(Path(tmp) / "registry"), "species-classifier", trained["version"]
-        results["a_limit"] = _limit(reg_root, name, version)
+        results["a_limit"] = _limit(reg_root, name, version, args.image_size)
 
         proc = mp.get_context("spawn").Process(target=_naive_server, args=(reg_root, name, version, 8790),
                                                daemon=True)
@@ -170,7 +174,7 @@ def main() -> None:
     on32, naive32 = results["d_batching_on"][32]["images_per_s"], results["b_naive"][32]["images_per_s"]
     summary = {"batching_on_vs_naive_at_32": round(on32 / naive32, 2) if naive32 else None,
                "batching_on_vs_limit_at_32": round(on32 / limit, 2) if limit else None,
-               "cpus": os.cpu_count(), "model": args.model, "seconds_per_point": args.seconds}
+               "cpus": os.cpu_count(), "model": args.model, "image_size": args.image_size, "seconds_per_point": args.seconds}
     print(f"at concurrency 32: batching on = {summary['batching_on_vs_naive_at_32']}x the naive server, "
           f"{summary['batching_on_vs_limit_at_32']:.0%} of the limit (targets: >= 2x and >= 60%)")
     storage.write_json(args.out, {"results": results, "summary": summary,

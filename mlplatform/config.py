@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -81,12 +81,25 @@ class PreprocessConf:
 
 
 @dataclass
+class CapturedConf:
+    # Where serving captured predictions and feedback (monitor.capture.root).
+    capture_root: str = "${monitor.capture.root}"
+    # Only feedback given on/after this time (a date, ISO time or a duration like 7d).
+    since: str | None = None
+    # Mixed in with the labelled production images: none, synthetic (data.synthetic's
+    # parameters, generated into the same tree) or folder (an ImageFolder at base_root, copied).
+    base: str = "none"
+    base_root: str | None = None
+
+
+@dataclass
 class DataConf:
     name: str = MISSING
     # synthetic: generate the species dataset into `root`; folder: read an ImageFolder tree.
     source: str = MISSING
     root: str = MISSING
     synthetic: SyntheticConf = field(default_factory=SyntheticConf)
+    captured: CapturedConf = field(default_factory=CapturedConf)
     splits: SplitsConf = field(default_factory=SplitsConf)
     # How much data: at most N images per species, only files modified on/after a date.
     max_per_class: int | None = None
@@ -335,6 +348,65 @@ class DeployConf:
 
 
 @dataclass
+class CaptureConf:
+    enabled: bool = True
+    root: str = "${paths.root}/capture"
+    # Records reach storage within this interval: the most a killed process can lose.
+    flush_interval_s: float = 2.0
+    # Fraction of requests whose input image is stored (0: none; images are personal data).
+    sample_images: float = 0.0
+    # Store the image of a request that gets feedback (from a bounded in-memory cache), so
+    # labelled production data can be trained on (data=captured).
+    store_feedback_images: bool = True
+    image_cache: int = 2000
+    # Recent request ids kept in memory for /feedback; older ones are looked up in storage.
+    index_size: int = 200000
+    # Feedback for a request older than this is 404.
+    lookup_days: int = 7
+
+
+@dataclass
+class MonitorQualityConf:
+    window: int = 100
+    min_labels: int = 20
+    min_accuracy: float = 0.7
+
+
+@dataclass
+class MonitorAlertsConf:
+    path: str = "${paths.root}/alerts/alerts.jsonl"
+    action: str = "log"  # none, log, retrain
+    min_consecutive: int = 1
+    cooldown_s: float = 300.0
+    trigger_dir: str = "${paths.root}/triggers"
+    retrain_command: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MonitorReportConf:
+    since: str | None = None  # ISO time, a date, or a duration like 24h / 7d
+    until: str | None = None
+    out_dir: str | None = None
+    versions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MonitorConf:
+    enabled: bool = True
+    window_size: int = 64
+    interval_s: float = 5.0
+    # The per-window false-alarm budget of the batch detectors together (Bonferroni).
+    p_val_budget: float = 0.05
+    # name -> {_target_: ..., ...}; built with hydra.utils.instantiate.
+    detectors: Any = None
+    num_cpus: float = 0.25
+    capture: CaptureConf = field(default_factory=CaptureConf)
+    quality: MonitorQualityConf = field(default_factory=MonitorQualityConf)
+    alerts: MonitorAlertsConf = field(default_factory=MonitorAlertsConf)
+    report: MonitorReportConf = field(default_factory=MonitorReportConf)
+
+
+@dataclass
 class Config:
     paths: PathsConf = field(default_factory=PathsConf)
     ray: RayConf = field(default_factory=RayConf)
@@ -349,6 +421,7 @@ class Config:
     serve: ServeConf = field(default_factory=ServeConf)
     deploy: DeployConf = field(default_factory=DeployConf)
     predict: PredictConf = field(default_factory=PredictConf)
+    monitor: MonitorConf = field(default_factory=MonitorConf)
     seed: int = 0
 
 
@@ -360,12 +433,13 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConf)
     cs.store(group="train", name="base_train", node=TrainConf)
     cs.store(group="serve", name="base_serve", node=ServeConf)
+    cs.store(group="monitor", name="base_monitor", node=MonitorConf)
 
 
 # ----------------------------------------------------------------------------- semantics
 
 DRIFT_KINDS = ("brightness", "blur", "noise", "color_cast", "background")
-DATA_SOURCES = ("synthetic", "folder")
+DATA_SOURCES = ("synthetic", "folder", "captured")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
@@ -383,7 +457,12 @@ def _fraction(key: str, value: float, low_open: bool = True) -> None:
 
 
 def parse_since(value: str) -> datetime:
-    """`data.since` as an aware UTC datetime; accepts a date or an ISO timestamp."""
+    """A time as an aware UTC datetime: a date, an ISO timestamp, or a duration back from
+    now (`90s`, `30m`, `24h`, `7d`)."""
+    value = str(value).strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(UTC) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -408,6 +487,19 @@ def validate_data(data: DictConfig, key: str = "data") -> None:
         )
     if data.source == "folder" and "://" not in data.root and not os.path.isdir(data.root):
         raise ConfigError(f"{key}.root", data.root, "directory does not exist")
+    if data.source == "captured":
+        cap = data.captured
+        if cap.base not in ("none", "synthetic", "folder"):
+            raise ConfigError(f"{key}.captured.base", cap.base, "must be none, synthetic or folder")
+        if cap.base == "folder" and (not cap.base_root or ("://" not in cap.base_root
+                                                             and not os.path.isdir(cap.base_root))):
+            raise ConfigError(f"{key}.captured.base_root", cap.base_root, "must be an existing ImageFolder tree")
+        if cap.since is not None:
+            try:
+                parse_since(cap.since)
+            except ValueError:
+                raise ConfigError(f"{key}.captured.since", cap.since,
+                                  "use a date, an ISO time or a duration like 7d") from None
     syn = data.synthetic
     _positive(f"{key}.synthetic.num_classes", syn.num_classes)
     _positive(f"{key}.synthetic.images_per_class", syn.images_per_class)
@@ -556,6 +648,46 @@ def validate_serve(serve: DictConfig) -> None:
         raise ConfigError("serve.port", serve.port, "must be a TCP port")
 
 
+def validate_monitor(m: DictConfig) -> None:
+    _positive("monitor.window_size", m.window_size)
+    _positive("monitor.interval_s", m.interval_s)
+    _fraction("monitor.p_val_budget", m.p_val_budget)
+    _positive("monitor.capture.flush_interval_s", m.capture.flush_interval_s)
+    if not 0 <= m.capture.sample_images <= 1:
+        raise ConfigError("monitor.capture.sample_images", m.capture.sample_images, "must be in [0, 1]")
+    if m.alerts.action not in ("none", "log", "retrain"):
+        raise ConfigError("monitor.alerts.action", m.alerts.action, "must be none, log or retrain")
+    _positive("monitor.alerts.min_consecutive", m.alerts.min_consecutive)
+    _positive("monitor.quality.window", m.quality.window)
+    if not 0 <= m.quality.min_accuracy <= 1:
+        raise ConfigError("monitor.quality.min_accuracy", m.quality.min_accuracy, "must be in [0, 1]")
+    dets = m.detectors or {}
+    if not isinstance(dets, DictConfig):
+        raise ConfigError("monitor.detectors", dets, "must map names to {_target_: ...}")
+    for name, spec in dets.items():
+        if spec is None:
+            continue
+        if not isinstance(spec, DictConfig) or "_target_" not in spec:
+            raise ConfigError(f"monitor.detectors.{name}", spec, "needs a _target_")
+        p = spec.get("p_val")
+        if p is not None and not 0 < p < 1:
+            raise ConfigError(f"monitor.detectors.{name}.p_val", p, "must be in (0, 1)")
+        ert, nb = spec.get("ert"), spec.get("n_bootstraps")
+        if ert is not None and nb is not None and nb < 2 * ert:
+            raise ConfigError(f"monitor.detectors.{name}.n_bootstraps", nb, f"must be at least 2 x ert ({ert})")
+        ws = spec.get("window_size")
+        if ws is not None and ws < 1:
+            raise ConfigError(f"monitor.detectors.{name}.window_size", ws, "must be >= 1")
+    for key in ("since", "until"):
+        value = m.report.get(key)
+        if value:
+            try:
+                parse_since(value)
+            except ValueError:
+                raise ConfigError(f"monitor.report.{key}", value,
+                                  "use an ISO time, a date or a duration like 24h") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks for the whole config; raises ConfigError naming the first bad key."""
     if not str(cfg.paths.root):
@@ -570,5 +702,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("registry.set_alias", alias, "use alias:version, e.g. production:v3")
     if cfg.serve.versions:
         validate_serve(cfg.serve)
+    validate_monitor(cfg.monitor)
     if cfg.evaluate.split not in ("train", "val", "test", "all"):
         raise ConfigError("evaluate.split", cfg.evaluate.split, "must be train, val, test or all")

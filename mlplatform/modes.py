@@ -46,6 +46,12 @@ def _deploy(cfg: DictConfig) -> dict[str, Any]:
     return run_deploy(cfg)
 
 
+def _monitor(cfg: DictConfig) -> dict[str, Any]:
+    from mlplatform.monitoring.report import run_monitor
+
+    return run_monitor(cfg)
+
+
 def _registry(cfg: DictConfig) -> dict[str, Any]:
     from mlplatform.training.evaluate import run_registry
 
@@ -67,6 +73,7 @@ MODES: dict[str, tuple[Callable[[DictConfig], dict[str, Any]], str]] = {
     "predict": (_with_ray("mlplatform.deployments.predict", "run_predict"),
                 "offline batch inference over a folder or manifest with Ray Data; writes Parquet"),
     "deploy": (_deploy, "write the Serve config, a KubeRay RayService and a Dockerfile; start nothing"),
+    "monitor": (_monitor, "report drift, species shift, feedback accuracy and alerts over captured data"),
     "registry": (_registry, "list versions, metrics, aliases and lineage; registry.set_alias=alias:vN"),
 }
 

@@ -108,3 +108,10 @@ def list_files(root: str) -> Iterator[FileEntry]:
         mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
         yield FileEntry(path=prefix + info.path if prefix else info.path, rel=rel.replace(os.sep, "/"),
                         size=info.size or 0, mtime=mtime)
+
+
+def delete(path: str) -> None:
+    """Remove a file if it exists."""
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)

@@ -230,4 +230,4 @@ def test_cli_data_smoke_end_to_end(tmp_path: Path) -> None:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["mode"] == "data" and summary["status"] == "ok"
     assert Path(summary["manifest"]).is_file() and Path(summary["report_md"]).is_file()
-    assert summary["num_images"] == 8 * 40
+    assert summary["num_images"] == 8 * 60

@@ -29,6 +29,10 @@ def _write_species_task(root: str, species: int, name: str, images_per_class: in
 def materialize(data: DictConfig) -> str:
     """The ImageFolder root to read; for `source=synthetic` generate it first (once per parameters)."""
     root = storage.resolve_root(data.root)
+    if data.source == "captured":
+        from mlplatform.data.captured import materialize_captured
+
+        return materialize_captured(data)
     if data.source != "synthetic":
         return root
     syn = data.synthetic

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,8 @@ class ServeSettings(BaseModel):
     ingress_replicas: int = 1
     ingress_cpus: float = 0.25
     chaos_fail_versions: list[str] = []
+    capture: dict[str, Any] = {"enabled": False}  # conf/monitor's capture section, resolved
+    monitor: dict[str, Any] | None = None  # settings of the DriftMonitor deployment; None: off
 
 
 def _json_logs() -> None:
@@ -145,10 +148,22 @@ def _request_id(request: Request) -> str:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle],
+                 monitor: DeploymentHandle | None = None) -> None:
         _json_logs()
         self.s = ServeSettings(**settings)
         self.models = models
+        self.monitor = monitor
+        cap = self.s.capture
+        self.writer = None
+        if cap.get("enabled"):
+            from mlplatform.monitoring.capture import CaptureStore, CaptureWriter
+
+            self.writer = CaptureWriter(cap["root"], cap["flush_interval_s"], cap.get("sample_images", 0.0))
+            self.store = CaptureStore(cap["root"])
+        # Recent primary predictions for /feedback, and their images (bounded, in memory).
+        self.index: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.images: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self.limits = I.InputLimits.from_dict(self.s.inputs)
         self.url_policy = I.UrlPolicy.from_dict(self.s.inputs.get("url", {}))
         self.specs: dict[str, PreprocessSpec] = {}
@@ -213,7 +228,9 @@ class Ingress:
     async def _shadow(self, version: str, image: I.DecodedImage, primary: dict[str, Any], request_id: str) -> None:
         """Never affects the response: errors and timeouts are counted, then dropped."""
         try:
+            started = time.perf_counter()
             res = await self._infer(version, image, 1)
+            self._capture(request_id, version, "shadow", "shadow", image, res, started, None)
             agree = int(res["labels"][0] == primary["labels"][0])
             n = self.agree_counts.setdefault(version, [0, 0])
             n[0] += agree
@@ -225,7 +242,7 @@ class Ingress:
             log.warning(json.dumps({"event": "shadow_error", "version": version, "request_id": request_id,
                                     "error": f"{type(exc).__name__}: {exc}"[:300]}))
 
-    async def _read_image(self, request: Request) -> tuple[I.DecodedImage, int | None]:
+    async def _read_image(self, request: Request) -> tuple[I.DecodedImage, int | None, bytes]:
         kind = I.check_content_type(request.headers.get("content-type"))
         top_k = None
         t0 = time.perf_counter()
@@ -262,7 +279,7 @@ class Ingress:
             data = await request.body()
         image = I.decode_image(data, self.limits)
         self.latency.observe(time.perf_counter() - t0, tags={"stage": "decode"})
-        return image, top_k
+        return image, top_k, data
 
     def _top_k(self, value: Any, version: str) -> int:
         if value is None:
@@ -307,17 +324,120 @@ class Ingress:
         self._finish(request_id, version, route, status, started)
         return _error(status, code, message, request_id, headers)
 
+    # ------------------------------------------------------------------ capture and feedback
+
+    def _role(self, version: str) -> str:
+        return next((r.role for r in self.policy.routes if r.version == version), "stable")
+
+    def _capture(self, request_id: str, version: str, role: str, route: str, image: I.DecodedImage,
+                 res: dict[str, Any], started: float, data: bytes | None) -> None:
+        """Hand the record to the background writer (no I/O here) and remember the request
+        for /feedback. Capture problems are logged, never the client's problem."""
+        if self.writer is None:
+            return
+        try:
+            now = time.time()
+            labels = self.labels.get(version) or []
+            top1 = res["labels"][0]
+            record = {"request_id": request_id, "ts": now, "version": version, "role": role, "route": route,
+                      "labels": list(res["labels"]), "scores": [float(x) for x in res["scores"]], "top1": top1,
+                      "top1_index": labels.index(top1) if top1 in labels else -1,
+                      "input_sha256": image.sha256, "width": image.width, "height": image.height,
+                      "format": image.format, "num_bytes": image.num_bytes,
+                      "latency_ms": (time.perf_counter() - started) * 1000, "embedding": res.get("embedding"),
+                      "image_path": None}
+            sampled = data is not None and self.writer.wants_image()
+            self.writer.add_prediction(record, data if sampled else None)
+            if role == "shadow":
+                return
+            cap = self.s.capture
+            self.index[request_id] = {"ts": now, "version": version, "top1": top1,
+                                      "image_path": record["image_path"], "format": image.format}
+            while len(self.index) > int(cap.get("index_size", 200000)):
+                self.index.popitem(last=False)
+            if data is not None and not sampled and cap.get("store_feedback_images", True):
+                self.images[request_id] = (data, image.format)
+                while len(self.images) > int(cap.get("image_cache", 2000)):
+                    self.images.popitem(last=False)
+        except Exception:
+            log.exception("capture failed")
+
+    def _lookup(self, request_id: str) -> dict[str, Any] | None:
+        since = time.time() - 86400 * int(self.s.capture.get("lookup_days", 7))
+        return self.store.find(request_id, since=since)
+
+    @app.post("/feedback", status_code=202)
+    async def feedback(self, request: Request) -> Response:
+        """A human label for a served prediction: stored, joined with the prediction, and
+        turned into training data (data=captured)."""
+        async def handle(request_id: str) -> tuple[Response, str]:
+            try:
+                payload = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError):
+                raise I.InputError(400, "bad_json", "the body is not valid JSON") from None
+            if not isinstance(payload, dict):
+                raise I.InputError(422, "missing_field", "the JSON body must be an object with request_id and label")
+            rid, label = payload.get("request_id"), payload.get("label")
+            for key, value in (("request_id", rid), ("label", label)):
+                if not isinstance(value, str) or not value:
+                    raise I.InputError(422, "missing_field", f"'{key}' (a non-empty string) is required")
+            if self.writer is None:
+                raise ApiError(404, "unknown_request", "capture is off (monitor.capture.enabled=false), so no "
+                               "prediction can be found for feedback")
+            entry = self.index.get(rid)
+            if entry is None:
+                entry = await asyncio.to_thread(self._lookup, rid)
+                if entry is None and self.s.ingress_replicas > 1:
+                    # Another ingress replica may hold it unflushed: wait one flush, look again.
+                    await asyncio.sleep(float(self.s.capture["flush_interval_s"]) + 0.5)
+                    entry = await asyncio.to_thread(self._lookup, rid)
+            if entry is None:
+                raise ApiError(404, "unknown_request", f"no served prediction has request_id {rid!r} "
+                               f"(within monitor.capture.lookup_days={self.s.capture.get('lookup_days', 7)})")
+            version = entry["version"]
+            _, labels = await self._meta(version)
+            if label not in labels:
+                raise ApiError(422, "unknown_label", f"label {label!r} is not one of the {len(labels)} species "
+                               f"of {version}")
+            image = self.images.get(rid) if not entry.get("image_path") else None
+            self.writer.add_feedback({"request_id": rid, "ts": time.time(), "label": label, "version": version,
+                                      "predicted": entry["top1"], "correct": label == entry["top1"],
+                                      "prediction_ts": entry["ts"], "image_path": entry.get("image_path")},
+                                     image[0] if image else None, image[1] if image else "")
+            return JSONResponse({"request_id": rid, "status": "accepted", "version": version,
+                                 "correct": label == entry["top1"]}, status_code=202), version
+
+        return await self._guard(request, "feedback", handle)
+
+    @app.get("/monitoring")
+    async def monitoring(self, request: Request) -> Response:
+        """The live monitor's state: windows, detector results, live accuracy, alerts."""
+        async def handle(request_id: str) -> tuple[Response, str]:
+            if self.monitor is None:
+                raise ApiError(404, "monitoring_off", "monitoring is off (monitor.enabled=false)")
+            return JSONResponse(await self.monitor.status.remote()), "-"
+
+        return await self._guard(request, "monitoring", handle)
+
+    def __del__(self) -> None:
+        """Serve calls this at a graceful shutdown: write out what capture still holds."""
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()
+
     # ------------------------------------------------------------------ REST
 
     @app.post("/predict")
     async def predict(self, request: Request) -> Response:
         async def handle(request_id: str) -> tuple[Response, str]:
-            image, top_k_body = await self._read_image(request)
+            started = time.perf_counter()
+            image, top_k_body, data = await self._read_image(request)
             sticky = request.headers.get(self.s.sticky_header) if self.s.sticky_header else None
             version = self.policy.choose(sticky)
             await self._meta(version)
             top_k = self._top_k(request.query_params.get("top_k", top_k_body), version)
             res = await self._infer(version, image, top_k)
+            self._capture(request_id, version, self._role(version), "predict", image, res, started, data)
             self._mirror(image, res, request_id)
             body = {"request_id": request_id, "model": self.s.model_name, "version": version,
                     "predictions": [{"label": lab, "score": sc} for lab, sc in zip(res["labels"], res["scores"],
@@ -396,8 +516,13 @@ class Ingress:
             version = pinned or self.policy.choose(
                 request.headers.get(self.s.sticky_header) if self.s.sticky_header else None)
             _, labels = await self._meta(version)
+            started = time.perf_counter()
             images = [I.decode_image(data, self.limits) for data in req.images]
             results = await asyncio.gather(*(self._infer(version, img, 1) for img in images))
+            role = "pinned" if pinned else self._role(version)
+            for i, (img, res, data) in enumerate(zip(images, results, req.images, strict=True)):
+                self._capture(request_id if len(images) == 1 else f"{request_id}-{i}", version, role, "infer",
+                              img, res, started, data)
             if not pinned:
                 for img, res in zip(images, results, strict=True):
                     self._mirror(img, res, request_id)
@@ -473,8 +598,14 @@ def build_app(args: AppArgs) -> serve.Application:
         handles[version] = ModelServer.options(
             name=f"model-{version}", user_config=model_user_config(raw, version), **options,
         ).bind(s.registry_root, s.registry_model, version, s.accelerator)
+    monitor = None
+    if s.monitor:
+        from mlplatform.monitoring.monitor import DriftMonitor
+
+        monitor = DriftMonitor.options(ray_actor_options={"num_cpus": float(s.monitor.get("num_cpus", 0.25))}
+                                       ).bind(s.monitor)
     static = s.model_dump(exclude={"versions", "shadows", "sticky_header", "request_timeout_s", "top_k"})
     return Ingress.options(
         num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": s.ingress_cpus},
         user_config=traffic_config(raw), max_ongoing_requests=1000,
-    ).bind(static, handles)
+    ).bind(static, handles, monitor)

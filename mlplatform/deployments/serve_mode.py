@@ -60,7 +60,26 @@ def resolve_settings(cfg: DictConfig) -> dict[str, Any]:
         "inputs": OmegaConf.to_container(s.inputs, resolve=True),
         "ingress_replicas": s.ingress_replicas, "ingress_cpus": s.ingress_cpus,
         "chaos_fail_versions": list(s.chaos_fail_versions),
+        **monitor_settings(cfg, reg.root),
     }
+
+
+def monitor_settings(cfg: DictConfig, registry_root: str) -> dict[str, Any]:
+    """conf/monitor resolved for the ingress (capture) and the DriftMonitor deployment."""
+    m = OmegaConf.to_container(cfg.monitor, resolve=True)
+    capture = {**m["capture"], "root": storage.resolve_root(m["capture"]["root"])}
+    monitor = None
+    if m["enabled"]:
+        if not capture["enabled"]:
+            raise ConfigError("monitor.capture.enabled", False, "the drift monitor reads captured data; "
+                              "enable capture or set monitor.enabled=false")
+        alerts = {**m["alerts"], "path": storage.resolve_root(m["alerts"]["path"]),
+                  "trigger_dir": storage.resolve_root(m["alerts"]["trigger_dir"])}
+        monitor = {"registry_root": registry_root, "registry_model": cfg.registry.model_name,
+                   "capture_root": capture["root"], "window_size": m["window_size"], "interval_s": m["interval_s"],
+                   "p_val_budget": m["p_val_budget"], "detectors": m["detectors"] or {}, "quality": m["quality"],
+                   "alerts": alerts, "num_cpus": m["num_cpus"]}
+    return {"capture": capture, "monitor": monitor}
 
 
 def deploy_schema(cfg: DictConfig, settings: dict[str, Any]) -> ServeDeploySchema:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -91,12 +93,22 @@ def make_trainer(cfg: DictConfig, resolved: dict[str, Any], spec: PreprocessSpec
 
 
 def fit(trainer: TorchTrainer, name: str) -> ray.train.Result:
-    """Run the trainer; a run that exhausts its retries is a failed job, not a traceback."""
+    """Run the trainer; a run that exhausts its retries is a failed job, not a traceback.
+
+    Ray Train installs a SIGINT handler whose closure holds the TrainController's handle, so
+    the controller (and its dataset split coordinators) would outlive fit() and keep using
+    CPU in a process that goes on to serve (`make run`). Restoring the previous handler
+    drops the last reference and Ray reclaims those actors."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise JobFailed(f"training failed after retries: {str(exc).splitlines()[0][:500]}",
                         {"mode": "train", "run": name}) from exc
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if result.error is not None:
         raise JobFailed(f"training failed: {result.error}", {"mode": "train", "run": name})
     return result
