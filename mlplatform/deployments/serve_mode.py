@@ -124,6 +124,8 @@ def deploy(cfg: DictConfig, session: Any = None, timeout_s: float = 300) -> dict
     return {
         "mode": "serve", "app": cfg.serve.app_name, "endpoint": f"{base}/predict", "docs": f"{base}/docs",
         "models": f"{base}/models", "oip": f"{base}/v2/models/{settings['model_name']}/infer",
+        "feedback": f"{base}/feedback", "monitoring": f"{base}/monitoring" if settings["monitor"] else None,
+        "capture": settings["capture"]["root"] if settings["capture"]["enabled"] else None,
         "dashboard": session.dashboard_url if session else None,
         "metrics": session.metrics_url if session else None,
         "versions": [{"version": v["version"], "role": v["role"], "weight": v["weight"]} for v in settings["versions"]],
@@ -148,8 +150,8 @@ def run_serve(cfg: DictConfig, session: Any) -> dict[str, Any]:
         summary["trained"] = {k: trained[k] for k in ("version", "metrics", "model_card")}
     block = cfg.serve.block
     block = session.started if block == "auto" else str(block).lower() == "true"
-    for key in ("endpoint", "docs", "dashboard", "metrics"):
-        print(f"{key:>9}: {summary[key]}", flush=True)
+    for key in ("endpoint", "docs", "feedback", "monitoring", "dashboard", "metrics"):
+        print(f"{key:>10}: {summary[key]}", flush=True)
     if not block:
         return summary
     stop = threading.Event()
