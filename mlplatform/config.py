@@ -380,6 +380,8 @@ class MonitorAlertsConf:
     cooldown_s: float = 300.0
     trigger_dir: str = "${paths.root}/triggers"
     retrain_command: list[str] = field(default_factory=list)
+    # One alert storm starts one pipeline: no new start within this many seconds.
+    retrain_cooldown_s: float = 3600.0
 
 
 @dataclass
@@ -406,6 +408,59 @@ class MonitorConf:
     report: MonitorReportConf = field(default_factory=MonitorReportConf)
 
 
+PIPELINE_STEPS = ("snapshot", "validate", "split", "train", "tune", "evaluate", "gate", "register", "propose")
+
+
+@dataclass
+class PipelineEvaluateConf:
+    # Extra slices the candidate and production are both evaluated on: "captured" (the
+    # test split's production images) and "drifted" (the drifted synthetic variant).
+    slices: list[str] = field(default_factory=lambda: ["captured", "drifted"])
+    drifted_images_per_class: int = 10
+
+
+@dataclass
+class PipelineConf:
+    # The steps, in order. `tune` in place of `train` runs the search in conf/train/tune.
+    steps: list[str] = field(default_factory=lambda: ["snapshot", "validate", "split", "train", "evaluate",
+                                                      "gate", "register", "propose"])
+    # Skip a step whose inputs are unchanged and reuse its output.
+    cache: bool = True
+    evaluate: PipelineEvaluateConf = field(default_factory=PipelineEvaluateConf)
+    # The canary weight a blessed candidate is proposed at.
+    canary_weight: int = 10
+    # Consume the monitor's trigger files (written by alerts with action=retrain).
+    trigger_dir: str = "${monitor.alerts.trigger_dir}"
+
+
+@dataclass
+class GitOpsConf:
+    # The serve file a proposal edits, relative to `repo` (or the working directory).
+    serve_file: str = "conf/serve/default.yaml"
+    # A git checkout: each proposal is committed on a new branch there (through a temporary
+    # worktree, so the checkout itself is untouched). null: proposals are only written under
+    # paths.root/proposals.
+    repo: str | None = None
+    branch_prefix: str = "rollout/"
+
+
+@dataclass
+class RolloutConf:
+    # Canary weight steps; the last (100) completes the promotion.
+    steps: list[int] = field(default_factory=lambda: [10, 50, 100])
+    window: str = "30m"  # live data considered: a duration, a date or an ISO time
+    min_requests: int = 50  # per version, before any decision (else: hold)
+    max_error_rate: float = 0.02
+    max_error_rate_increase: float = 0.01
+    max_latency_p95_ratio: float = 1.5
+    min_feedback: int = 20  # labels per version before accuracy counts
+    max_accuracy_drop: float = 0.05
+    min_shadow_pairs: int = 50
+    min_agreement: float = 0.8
+    # Apply the proposed weights to the running deployment (else only propose).
+    apply: bool = False
+
+
 @dataclass
 class Config:
     paths: PathsConf = field(default_factory=PathsConf)
@@ -422,6 +477,9 @@ class Config:
     deploy: DeployConf = field(default_factory=DeployConf)
     predict: PredictConf = field(default_factory=PredictConf)
     monitor: MonitorConf = field(default_factory=MonitorConf)
+    pipeline: PipelineConf = field(default_factory=PipelineConf)
+    gitops: GitOpsConf = field(default_factory=GitOpsConf)
+    rollout: RolloutConf = field(default_factory=RolloutConf)
     seed: int = 0
 
 
@@ -434,6 +492,7 @@ def register_configs() -> None:
     cs.store(group="train", name="base_train", node=TrainConf)
     cs.store(group="serve", name="base_serve", node=ServeConf)
     cs.store(group="monitor", name="base_monitor", node=MonitorConf)
+    cs.store(group="pipeline", name="base_pipeline", node=PipelineConf)
 
 
 # ----------------------------------------------------------------------------- semantics
@@ -688,6 +747,40 @@ def validate_monitor(m: DictConfig) -> None:
                                   "use an ISO time, a date or a duration like 24h") from None
 
 
+def validate_pipeline(cfg: DictConfig) -> None:
+    steps = list(cfg.pipeline.steps)
+    for s in steps:
+        if s not in PIPELINE_STEPS:
+            raise ConfigError("pipeline.steps", s, f"unknown step; one of {', '.join(PIPELINE_STEPS)}")
+    if len(set(steps)) != len(steps) or ("train" in steps and "tune" in steps):
+        raise ConfigError("pipeline.steps", steps, "each step once, and train or tune, not both")
+    order = [s if s != "tune" else "train" for s in steps]
+    canonical = [s for s in PIPELINE_STEPS if s != "tune"]
+    if order != canonical[:len(order)]:
+        raise ConfigError("pipeline.steps", steps, "steps run in the order " + ", ".join(canonical)
+                          + " (a prefix of it; tune may replace train)")
+    if "tune" in steps and cfg.train.tune is None:
+        raise ConfigError("pipeline.steps", "tune", "needs a search space: train/tune=asha")
+    for sl in cfg.pipeline.evaluate.slices:
+        if sl not in ("captured", "drifted"):
+            raise ConfigError("pipeline.evaluate.slices", sl, "must be captured or drifted")
+    if not 0 < cfg.pipeline.canary_weight < 100:
+        raise ConfigError("pipeline.canary_weight", cfg.pipeline.canary_weight, "must be in (0, 100)")
+    r = cfg.rollout
+    if not r.steps or any(not 0 < w <= 100 for w in r.steps) or list(r.steps) != sorted(set(r.steps)) \
+            or r.steps[-1] != 100:
+        raise ConfigError("rollout.steps", list(r.steps), "increasing weights in (0, 100] ending at 100")
+    try:
+        parse_since(r.window)
+    except ValueError:
+        raise ConfigError("rollout.window", r.window, "use a duration like 30m, a date or an ISO time") from None
+    for key in ("max_error_rate", "max_error_rate_increase", "max_accuracy_drop", "min_agreement"):
+        if not 0 <= r[key] <= 1:
+            raise ConfigError(f"rollout.{key}", r[key], "must be in [0, 1]")
+    if r.max_latency_p95_ratio < 1:
+        raise ConfigError("rollout.max_latency_p95_ratio", r.max_latency_p95_ratio, "must be >= 1")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks for the whole config; raises ConfigError naming the first bad key."""
     if not str(cfg.paths.root):
@@ -703,5 +796,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.serve.versions:
         validate_serve(cfg.serve)
     validate_monitor(cfg.monitor)
+    validate_pipeline(cfg)
     if cfg.evaluate.split not in ("train", "val", "test", "all"):
         raise ConfigError("evaluate.split", cfg.evaluate.split, "must be train, val, test or all")

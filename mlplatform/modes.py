@@ -52,6 +52,22 @@ def _monitor(cfg: DictConfig) -> dict[str, Any]:
     return run_monitor(cfg)
 
 
+def _rollout(cfg: DictConfig) -> dict[str, Any]:
+    from mlplatform.pipeline.rollout import run_rollout
+
+    if not cfg.rollout.apply:
+        return run_rollout(cfg)
+    if not cfg.ray.address:
+        from mlplatform.errors import ConfigError
+
+        raise ConfigError("ray.address", None, "rollout.apply=true changes the running deployment: "
+                          "join its cluster with ray.address=auto")
+    from mlplatform.raycluster import ray_session
+
+    with ray_session(cfg.ray):
+        return run_rollout(cfg)
+
+
 def _registry(cfg: DictConfig) -> dict[str, Any]:
     from mlplatform.training.evaluate import run_registry
 
@@ -73,6 +89,9 @@ MODES: dict[str, tuple[Callable[[DictConfig], dict[str, Any]], str]] = {
     "predict": (_with_ray("mlplatform.deployments.predict", "run_predict"),
                 "offline batch inference over a folder or manifest with Ray Data; writes Parquet"),
     "deploy": (_deploy, "write the Serve config, a KubeRay RayService and a Dockerfile; start nothing"),
+    "pipeline": (_with_ray("mlplatform.pipeline.run", "run_pipeline"),
+                 "snapshot base + captured data, validate, split, train, evaluate, gate, register, propose a canary"),
+    "rollout": (_rollout, "canary analysis against stable; propose (or apply) the next step, promotion or rollback"),
     "monitor": (_monitor, "report drift, species shift, feedback accuracy and alerts over captured data"),
     "registry": (_registry, "list versions, metrics, aliases and lineage; registry.set_alias=alias:vN"),
 }

@@ -14,7 +14,13 @@ import pytest
 from mlplatform.errors import ConfigError
 from mlplatform.monitoring import detectors as D
 from mlplatform.monitoring.capture import CaptureStore, CaptureWriter
-from mlplatform.monitoring.monitor import AlertManager, QualityTracker, VersionMonitor, WindowResult, read_alerts
+from mlplatform.monitoring.monitor import (
+    AlertManager,
+    QualityTracker,
+    VersionMonitor,
+    WindowResult,
+    read_alerts,
+)
 
 from .conftest import compose
 

@@ -321,6 +321,9 @@ class Ingress:
             log.exception("internal error")
             status, code, headers = 500, "internal", {}
             message = f"the platform failed: {type(exc).__name__}"
+        version = getattr(request.state, "version", version)
+        if status >= 500 and version != "-":
+            self._capture_failure(request_id, version, route, status, started)
         self._finish(request_id, version, route, status, started)
         return _error(status, code, message, request_id, headers)
 
@@ -345,7 +348,7 @@ class Ingress:
                       "input_sha256": image.sha256, "width": image.width, "height": image.height,
                       "format": image.format, "num_bytes": image.num_bytes,
                       "latency_ms": (time.perf_counter() - started) * 1000, "embedding": res.get("embedding"),
-                      "image_path": None}
+                      "image_path": None, "status": 200}
             sampled = data is not None and self.writer.wants_image()
             self.writer.add_prediction(record, data if sampled else None)
             if role == "shadow":
@@ -361,6 +364,17 @@ class Ingress:
                     self.images.popitem(last=False)
         except Exception:
             log.exception("capture failed")
+
+    def _capture_failure(self, request_id: str, version: str, route: str, status: int, started: float) -> None:
+        """A routed request the platform failed (5xx): the error rate canary analysis needs."""
+        if self.writer is None:
+            return
+        self.writer.add_prediction({"request_id": request_id, "ts": time.time(), "version": version,
+                                    "role": self._role(version), "route": route, "labels": [], "scores": [],
+                                    "top1": None, "top1_index": -1, "input_sha256": None, "width": None,
+                                    "height": None, "format": None, "num_bytes": None,
+                                    "latency_ms": (time.perf_counter() - started) * 1000, "embedding": None,
+                                    "image_path": None, "status": status})
 
     def _lookup(self, request_id: str) -> dict[str, Any] | None:
         since = time.time() - 86400 * int(self.s.capture.get("lookup_days", 7))
@@ -434,6 +448,7 @@ class Ingress:
             image, top_k_body, data = await self._read_image(request)
             sticky = request.headers.get(self.s.sticky_header) if self.s.sticky_header else None
             version = self.policy.choose(sticky)
+            request.state.version = version
             await self._meta(version)
             top_k = self._top_k(request.query_params.get("top_k", top_k_body), version)
             res = await self._infer(version, image, top_k)

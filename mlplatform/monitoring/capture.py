@@ -39,6 +39,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("top1", pa.string()), ("top1_index", pa.int32()), ("input_sha256", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("num_bytes", pa.int64()),
     ("latency_ms", pa.float32()), ("embedding", pa.list_(pa.float32())), ("image_path", pa.string()),
+    ("status", pa.int32()),  # 200, or the 5xx a routed request failed with (no prediction then)
 ])
 FEEDBACK_SCHEMA = pa.schema([
     ("request_id", pa.string()), ("ts", pa.float64()), ("label", pa.string()), ("version", pa.string()),
@@ -266,7 +267,8 @@ class CaptureStore:
             t = pq.read_table(io.BytesIO(storage.read_bytes(f.path)), columns=cols)
             ids = t.column("request_id").to_pylist()
             for i in range(len(ids) - 1, -1, -1):
-                if ids[i] == request_id and t.column("role")[i].as_py() != "shadow":
+                if ids[i] == request_id and t.column("role")[i].as_py() != "shadow" \
+                        and t.column("top1")[i].as_py() is not None:
                     return {c: t.column(c)[i].as_py() for c in cols}
         return None
 
@@ -277,7 +279,7 @@ class CaptureStore:
             return []
         preds = self.predictions(columns=["request_id", "role", "ts", "version", "top1", "input_sha256",
                                           "image_path", "format", "width", "height"]).to_pylist()
-        by_id = {p["request_id"]: p for p in preds if p["role"] != "shadow"}
+        by_id = {p["request_id"]: p for p in preds if p["role"] != "shadow" and p["top1"] is not None}
         out = []
         for f in fb:
             p = by_id.get(f["request_id"])

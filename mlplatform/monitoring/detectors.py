@@ -137,7 +137,10 @@ class AlibiKS(_Base):
 
 
 class AlibiChiSquare(_Base):
-    """Chi-squared homogeneity test on the predicted species: did the mix of answers change?"""
+    """Chi-squared homogeneity test on the predicted species: did the mix of answers change?
+
+    Only species seen in the reference or the window take part: a species absent from both
+    is an all-zero column, which has no expected frequency (alibi would raise)."""
 
     feature = "prediction"
 
@@ -145,17 +148,24 @@ class AlibiChiSquare(_Base):
         super().__init__(name or "chi2", p_val)
 
     def fit(self, reference: np.ndarray, num_classes: int) -> None:
-        from alibi_detect.cd import ChiSquareDrift
-
         _silence_alibi()
-        ref = np.asarray(reference, np.int64).reshape(-1, 1)
-        self._cd = ChiSquareDrift(ref, p_val=self.p_val, categories_per_feature={0: int(num_classes)})
+        self.ref = np.asarray(reference, np.int64).ravel()
+        self._fitted = True
 
     def score(self, window: np.ndarray) -> DriftResult:
-        x = self._check(window).astype(np.int64).reshape(-1, 1)
-        d = self._cd.predict(x, return_p_val=True, return_distance=True)["data"]
+        from alibi_detect.cd import ChiSquareDrift
+
+        x = self._check(window).astype(np.int64).ravel()
+        present = np.union1d(np.unique(self.ref), np.unique(x))
+        if len(present) < 2:
+            return DriftResult(self.name, self.feature, False, 1.0, 0.0, self.p_val, len(x))
+        remap = {c: i for i, c in enumerate(present)}
+        ref = np.array([remap[c] for c in self.ref]).reshape(-1, 1)
+        cd = ChiSquareDrift(ref, p_val=self.p_val, categories_per_feature={0: len(present)})
+        d = cd.predict(np.array([remap[c] for c in x]).reshape(-1, 1), return_p_val=True,
+                       return_distance=True)["data"]
         return DriftResult(self.name, self.feature, bool(d["is_drift"]), float(np.min(d["p_val"])),
-                           float(np.max(d["distance"])), float(d["threshold"]), len(window))
+                           float(np.max(d["distance"])), float(d["threshold"]), len(x))
 
 
 class AlibiMMDOnline(_Base):

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import subprocess
 import threading
 import time
 import uuid
@@ -162,12 +161,13 @@ class AlertManager:
 
     def __init__(self, path: str, action: str = "log", min_consecutive: int = 1, cooldown_s: float = 300,
                  trigger_dir: str | None = None, retrain_command: list[str] | None = None,
-                 on_alert: Any = None) -> None:
+                 on_alert: Any = None, retrain_cooldown_s: float = 3600) -> None:
         if action not in ("none", "log", "retrain"):
             raise ValueError(f"action must be none, log or retrain, got {action!r}")
         self.path, self.action, self.min_consecutive, self.cooldown_s = path, action, int(min_consecutive), \
             float(cooldown_s)
         self.trigger_dir, self.retrain_command, self.on_alert = trigger_dir, retrain_command, on_alert
+        self.retrain_cooldown_s = float(retrain_cooldown_s)
         self.streak: dict[tuple[str, str], int] = {}
         self.last: dict[tuple[str, str, str], float] = {}
         self.raised: list[dict[str, Any]] = []
@@ -210,10 +210,14 @@ class AlertManager:
         configured command (e.g. `python run.py +mode=pipeline`) started detached."""
         if self.trigger_dir:
             storage.write_json(storage.join(self.trigger_dir, f"{int(alert['ts'] * 1000)}-{alert['version']}-"
-                                                              f"{alert['kind']}.json"), alert)
-        if self.retrain_command:
-            subprocess.Popen(list(self.retrain_command), start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                                                              f"{alert['kind']}-{alert['detector']}.json"), alert)
+        if self.retrain_command and self.trigger_dir:
+            from mlplatform.pipeline.triggers import start_guarded
+
+            # One alert storm, one pipeline run: nothing starts while a run holds the lock or
+            # within the cooldown of the last start; that run consumes every trigger file.
+            started = start_guarded(self.trigger_dir, list(self.retrain_command), self.retrain_cooldown_s)
+            alert["pipeline_started"] = started
 
 
 class Monitor:
@@ -227,7 +231,8 @@ class Monitor:
         self.quality = QualityTracker(q["window"], q["min_labels"], q["min_accuracy"])
         a = settings["alerts"]
         self.alerts = AlertManager(a["path"], a["action"], a["min_consecutive"], a["cooldown_s"],
-                                   a.get("trigger_dir"), a.get("retrain_command"), on_alert)
+                                   a.get("trigger_dir"), a.get("retrain_command"), on_alert,
+                                   a.get("retrain_cooldown_s", 3600))
         self.on_window = on_window
         self.results: list[WindowResult] = []
 
@@ -246,6 +251,8 @@ class Monitor:
     def add_predictions(self, records: list[dict[str, Any]]) -> list[WindowResult]:
         by_version: dict[str, list[dict[str, Any]]] = {}
         for r in records:
+            if r.get("top1_index", -1) < 0 or not r.get("embedding"):
+                continue  # a failed request has no prediction to watch
             by_version.setdefault(r["version"], []).append(r)
         out = []
         for version, rows in by_version.items():

@@ -131,7 +131,7 @@ def run_monitor(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     cols = ["request_id", "ts", "version", "role", "top1_index", "embedding"]
     preds = store.predictions(since=since, until=until, versions=list(rep.versions) or None, columns=cols)
-    rows = preds.to_pylist()
+    rows = [r for r in preds.to_pylist() if r["top1_index"] is not None and r["top1_index"] >= 0]
     labelled = store.labelled(since, until)
     alerts = read_alerts(storage.resolve_root(m.alerts.path), since, until)
     detectors_cfg = OmegaConf.to_container(m.detectors, resolve=True) if m.detectors else {}

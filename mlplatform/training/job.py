@@ -38,13 +38,14 @@ def registry_for(cfg: DictConfig) -> Registry:
     return Registry(storage.resolve_root(cfg.registry.root), cfg.registry.model_name)
 
 
-def prepare(cfg: DictConfig) -> tuple[snapshots.Snapshot, PreprocessSpec, dict[str, ray.data.Dataset]]:
-    """Run the data job (cached), then decode the splits into Ray Datasets."""
-    data_summary = run_data(cfg)
+def prepare(cfg: DictConfig, snap: snapshots.Snapshot | None = None
+            ) -> tuple[snapshots.Snapshot, PreprocessSpec, dict[str, ray.data.Dataset]]:
+    """Run the data job (unless given its snapshot), then decode the splits into Ray Datasets."""
+    if snap is None:
+        snap = snapshots.load(run_data(cfg)["snapshot_dir"])
     # Per-epoch progress bars from every worker drown the epoch metrics; W&B and the
     # JSON summary carry the progress instead.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    snap = snapshots.load(data_summary["snapshot_dir"])
     spec = PreprocessSpec.from_dict(OmegaConf.to_container(cfg.data.preprocess, resolve=True))
     spec = spec.with_labels(snap.labels)
     bs = cfg.train.eval_batch_size
@@ -128,17 +129,22 @@ def _reference_npz(ref: dict[str, Any], num_classes: int) -> bytes:
     return buf.getvalue()
 
 
-def register_result(cfg: DictConfig, out: dict[str, Any], snap: snapshots.Snapshot, spec: PreprocessSpec,
-                    source: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Judge the run against production, register it as a new version with its model card."""
+def production_baseline(cfg: DictConfig, snap: snapshots.Snapshot) -> tuple[dict[str, Any] | None, str | None]:
+    """Production's metrics on the candidate's own test split (None before the first model)."""
+    reg = registry_for(cfg)
+    if "production" not in reg.aliases():
+        return None, None
+    version = reg.resolve("production")
+    return evaluate_version(reg, version, snap, "test", cfg.train.eval_batch_size)["summary"], version
+
+
+def register_version(cfg: DictConfig, out: dict[str, Any], snap: snapshots.Snapshot, spec: PreprocessSpec,
+                     source: str, verdict: dict[str, Any], baseline_version: str | None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Register a judged run as a new version with its model card; bless it by alias."""
     reg = registry_for(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     test = out["test"]
-    baseline, baseline_version = None, None
-    if "production" in reg.aliases():
-        baseline_version = reg.resolve("production")
-        baseline = evaluate_version(reg, baseline_version, snap, "test", cfg.train.eval_batch_size)["summary"]
-    verdict = judge(test, baseline, cfg.train.gate, baseline_version=baseline_version)
     scalars = M.scalar_metrics(test)
     counts = {s: sum(c.values()) for s, c in snap.counts().items()}
     meta = {
@@ -186,6 +192,14 @@ def register_result(cfg: DictConfig, out: dict[str, Any], snap: snapshots.Snapsh
         "aliases": reg.aliases(),
         "data_snapshot": snap.hash[:12],
     }
+
+
+def register_result(cfg: DictConfig, out: dict[str, Any], snap: snapshots.Snapshot, spec: PreprocessSpec,
+                    source: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Judge the run against production, register it as a new version with its model card."""
+    baseline, baseline_version = production_baseline(cfg, snap)
+    verdict = judge(out["test"], baseline, cfg.train.gate, baseline_version=baseline_version)
+    return register_version(cfg, out, snap, spec, source, verdict, baseline_version, extra)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:

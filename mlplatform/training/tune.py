@@ -70,6 +70,19 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("train.tune", None, "choose a search space, e.g. train/tune=asha")
     started = time.time()
     snap, spec, dsets = prepare(cfg)
+    payload, trials, name = tune_fit(cfg, spec, dsets)
+    reg_summary = register_result(cfg, payload["out"], snap, spec, source="tune",
+                                  extra={"tune_run": name, "tune_best_config": payload["overrides"],
+                                         "ray_train_run": payload["ray_train_run"]})
+    return {"mode": "tune", "run": name, "trials": trials, "num_trials": len(trials),
+            "best_config": payload["overrides"], **reg_summary, "seconds": round(time.time() - started, 1)}
+
+
+def tune_fit(cfg: DictConfig, spec: PreprocessSpec, dsets: dict) -> tuple[dict[str, Any], list[dict], str]:
+    """Run the search; returns the best trial's payload (out, overrides), all trials, the run name."""
+    tcfg = cfg.train.tune
+    if tcfg is None:
+        raise ConfigError("train.tune", None, "choose a search space, e.g. train/tune=asha")
     name = run_name("tune")
     storage_path = storage.join(storage.resolve_root(cfg.paths.root), "ray_results")
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -103,8 +116,4 @@ def run_tune(cfg: DictConfig) -> dict[str, Any]:
     trials = [{"trial": r.metrics.get("trial_id"), "config": r.config, "finished": r in finished,
                tcfg.metric: r.metrics.get(tcfg.metric), "error": str(r.error) if r.error else None}
               for r in grid]
-    reg_summary = register_result(cfg, payload["out"], snap, spec, source="tune",
-                                  extra={"tune_run": name, "tune_best_config": payload["overrides"],
-                                         "ray_train_run": payload["ray_train_run"]})
-    return {"mode": "tune", "run": name, "trials": trials, "num_trials": len(trials),
-            "best_config": payload["overrides"], **reg_summary, "seconds": round(time.time() - started, 1)}
+    return payload, trials, name
