@@ -23,10 +23,12 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Today's most complete end-to-end path: serve the production model; with an empty registry,
-# first run the data snapshot, training, gate, registry and model card on the default species.
+# Today's most complete end-to-end path: the pipeline (base data plus any labelled production
+# data -> validate -> split -> train -> evaluate -> gate -> register -> propose; cached when
+# nothing changed), then serve production with capture, feedback and drift monitoring.
 run: install
-	$(BIN)/python run.py +mode=serve serve.train_if_empty=true $(ARGS)
+	$(BIN)/python run.py +mode=pipeline $(ARGS)
+	$(BIN)/python run.py +mode=serve $(ARGS)
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -38,6 +40,7 @@ bench: install-dev
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_drift.py
 
 clean:
 	rm -rf artifacts outputs .pytest_cache .ruff_cache

@@ -266,8 +266,8 @@ class ServeBatchingConf:
 class ServeAcceleratorConf:
     # auto (cuda when visible), cpu or cuda.
     device: str = "auto"
-    half: bool = True
-    channels_last: bool = True
+    half: bool = False
+    channels_last: bool = False
     compile: bool = False
 
 

@@ -106,7 +106,7 @@ def test_registry_evaluate_and_promote_modes(ray_cluster, trained) -> None:
     drifted = run_evaluate(compose("+mode=evaluate", "+experiment=smoke", f"paths.root={root}",
                                    "data=synthetic_drifted", "evaluate.split=all"))
     assert Path(drifted["report_md"]).is_file() and drifted["dataset"] == "synthetic_drifted"
-    assert drifted["metrics"]["test/num_samples"] == 8 * 40
+    assert drifted["metrics"]["test/num_samples"] == 8 * 60
     assert drifted["metrics"]["test/acc"] < clean["metrics"]["test/acc"]  # drift hurts
 
     verdict = run_promote(compose("+mode=promote", "+experiment=smoke", f"paths.root={root}",
@@ -203,7 +203,7 @@ def test_offline_predict_writes_parquet_with_the_extended_model(ray_cluster, tra
                               f"predict.input={tmp_path / 'in'}", f"predict.output={tmp_path / 'out'}",
                               "predict.num_cpus_per_actor=0.5", "predict.top_k=3"))
     table = pq.read_table(str(tmp_path / "out")).to_pandas()
-    assert out["images"] == len(table) == 8 * 40 // 5 + 1 and out["failed"] == 1
+    assert out["images"] == len(table) == 8 * 60 // 5 + 1 and out["failed"] == 1
     assert set(table["version"]) == {summary["version"]}
     good = table[table["error"] == ""]
     assert all(len(json.loads(x)) == 3 for x in good["labels"])

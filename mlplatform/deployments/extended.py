@@ -43,8 +43,8 @@ class ExtendedModel:
     """A registry version, loaded once (checksum verified), ready for batched prediction."""
 
     def __init__(self, registry_root: str, model_name: str, version: str, device: str = "auto",
-                 half: bool = True, channels_last: bool = True, compile: bool = False) -> None:
-        from mlplatform.training.evaluate import load_model
+                 half: bool = False, channels_last: bool = False, compile: bool = False) -> None:
+        from mlplatform.models.load import load_model
 
         reg = Registry(registry_root, model_name)
         model, spec, meta = load_model(reg, version)  # raises ChecksumError on tampered weights
@@ -59,8 +59,10 @@ class ExtendedModel:
         if channels_last and self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last and self.device.type == "cuda"
-        self.model = torch.compile(model) if compile else model
-        self.model.eval()
+        self.model = model.eval()
+        # The replica calls embed() and head(), not forward(): compile embed itself (compiling
+        # the module would only compile forward, which serving never calls).
+        self._embed = torch.compile(model.embed) if compile else model.embed
 
     @property
     def num_classes(self) -> int:
@@ -74,10 +76,8 @@ class ExtendedModel:
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        net = self.model
-        emb = net.embed(x) if hasattr(net, "embed") else net._orig_mod.embed(x)
-        head = net.head if hasattr(net, "head") else net._orig_mod.head
-        probs = torch.softmax(head(emb).float(), dim=1)
+        emb = self._embed(x)
+        probs = torch.softmax(self.model.head(emb).float(), dim=1)
         return probs.cpu().numpy(), emb.float().cpu().numpy()
 
     def predict(self, images: list[Image.Image], top_k: int | list[int] = 5) -> list[Prediction]:

@@ -195,18 +195,23 @@ def _evaluate(ctx: Context):
     from mlplatform.training.job import registry_for
 
     reg = registry_for(ctx.cfg)
+    train_key = ctx.keys.get("train") or ctx.keys.get("tune")
     production = reg.resolve("production") if "production" in reg.aliases() else None
-    inputs = {"train": ctx.keys.get("train") or ctx.keys.get("tune"), "production": production,
+    if production and (reg.get(production).get("pipeline") or {}).get("train_key") == train_key:
+        production = None  # this very model became production (the first one): nothing to compare with
+    inputs = {"train": train_key, "production": production,
               "slices": list(ctx.cfg.pipeline.evaluate.slices), "code": ctx.code}
 
     def compute() -> dict[str, Any]:
         from mlplatform.data.preprocess import PreprocessSpec
-        from mlplatform.training.evaluate import load_model
-        from mlplatform.training.job import production_baseline
+        from mlplatform.models.load import load_model
+        from mlplatform.training.evaluate import evaluate_version
 
         trained = _trained(ctx)
         snap = _snap(ctx)
-        baseline, baseline_version = production_baseline(ctx.cfg, snap)
+        baseline, baseline_version = None, production
+        if production:
+            baseline = evaluate_version(reg, production, snap, "test", int(ctx.cfg.train.eval_batch_size))["summary"]
         spec = PreprocessSpec.from_dict(trained["spec"])
         model = instantiate({**ctx.section("model"), "weights_path": None}, num_classes=len(trained["labels"]))
         import torch

@@ -8,14 +8,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mlplatform import storage
 from mlplatform.data import snapshot as snapshots
-from mlplatform.data.preprocess import PreprocessSpec
 from mlplatform.errors import ConfigError, JobFailed
-from mlplatform.models import Classifier
+from mlplatform.models.load import load_model
 from mlplatform.registry import Registry, RegistryError
 from mlplatform.training import datasets
 from mlplatform.training import metrics as M
@@ -23,16 +21,6 @@ from mlplatform.training.evaluation import forward_batches
 from mlplatform.training.gate import judge
 
 log = logging.getLogger(__name__)
-
-
-def load_model(reg: Registry, ref: str) -> tuple[Classifier, PreprocessSpec, dict[str, Any]]:
-    """A registered version as an eval-mode model; the weights' checksum is verified first."""
-    meta = reg.get(ref)
-    model_cfg = dict(meta["config"]["model"])
-    model_cfg["weights_path"] = None  # the registry holds the weights; never reload a pretrained file
-    model = instantiate(model_cfg, num_classes=len(meta["labels"]))
-    model.load_state_dict(reg.load_state_dict(meta["version"]))
-    return model.eval(), PreprocessSpec.from_dict(meta["preprocess"]), meta
 
 
 def evaluate_version(reg: Registry, ref: str, snap: snapshots.Snapshot, split: str,
