@@ -3,7 +3,8 @@ with batching off and on, at several client concurrencies, in one run.
 
 (a) limit: the extended model's forward pass at its best batch size, in-process;
 (b) naive: a one-request-at-a-time FastAPI + uvicorn server of the same model;
-(c) platform, batching off (max_batch_size=1); (d) platform, batching on.
+(c) platform, batching off (max_batch_size=1); (d) platform, batching on; both with capture
+and drift monitoring on, as deployed; (e) batching on without capture and monitoring.
 Single-image JPEG requests over HTTP on loopback. Prints a table, writes
 bench/results/serve.json. Usage: python bench/bench_serve.py [--seconds 6] [--model mobilenet_v3_small]
 """
@@ -149,8 +150,13 @@ def main() -> None:
 
         from mlplatform.deployments.serve_mode import deploy
 
-        for key, batch in (("c_batching_off", 1), ("d_batching_on", 32)):
-            cfg = _cfg(["+mode=serve", *base, "serve.port=8791",
+        # The platform as deployed: capture and drift monitoring on, at their default intervals
+        # (smoke's short ones are for tests); (e) shows what they cost on the same cores.
+        monitor = ["monitor.capture.flush_interval_s=2", "monitor.interval_s=5", "monitor.window_size=64"]
+        for key, batch, extra in (("c_batching_off", 1, monitor), ("d_batching_on", 32, monitor),
+                                  ("e_batching_on_no_monitoring", 32,
+                                   ["monitor.enabled=false", "monitor.capture.enabled=false"])):
+            cfg = _cfg(["+mode=serve", *base, *extra, "serve.port=8791",
                         f"serve.versions=[{{ref: {version}, role: stable, weight: 100}}]", f"serve.batching.max_batch_size={batch}",
                         "serve.batching.batch_wait_timeout_s=0.005", "serve.deployment.num_cpus=1",
                         "serve.deployment.min_replicas=1", "serve.deployment.max_replicas=1",
@@ -167,7 +173,7 @@ def main() -> None:
     print(f"(a) limit: raw forward {limit} img/s at batch {results['a_limit']['best_batch_size']} "
           f"({results['a_limit']['by_batch_size']})")
     print(f"{'target':<22}{'conc':>6}{'img/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
-    for key in ("b_naive", "c_batching_off", "d_batching_on"):
+    for key in ("b_naive", "c_batching_off", "d_batching_on", "e_batching_on_no_monitoring"):
         for c, r in results[key].items():
             print(f"{key:<22}{c:>6}{r['images_per_s']:>10}{str(r['p50_ms']):>10}{str(r['p95_ms']):>10}"
                   f"{str(r['p99_ms']):>10}{r['errors']:>8}")

@@ -402,6 +402,8 @@ class MonitorConf:
     # name -> {_target_: ..., ...}; built with hydra.utils.instantiate.
     detectors: Any = None
     num_cpus: float = 0.25
+    # The monitor runs at this nice value, below the request path.
+    nice: int = 10
     capture: CaptureConf = field(default_factory=CaptureConf)
     quality: MonitorQualityConf = field(default_factory=MonitorQualityConf)
     alerts: MonitorAlertsConf = field(default_factory=MonitorAlertsConf)

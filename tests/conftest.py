@@ -39,3 +39,14 @@ def ray_cluster():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def parallel(work, threads: int) -> None:
+    """Run work(k) for k in range(threads) on threads and wait for all of them."""
+    import threading
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()

@@ -22,7 +22,7 @@ from mlplatform.data import synthetic
 from mlplatform.monitoring.capture import CaptureStore
 from mlplatform.monitoring.monitor import read_alerts
 
-from .conftest import compose
+from .conftest import compose, parallel
 
 PORT = 8765  # Serve's HTTP port is fixed per cluster; the serving tests use it too
 URL = f"http://127.0.0.1:{PORT}"
@@ -79,11 +79,7 @@ def _send(n: int, start: int, drifted: bool = False, threads: int = 4) -> list[d
             assert r.status_code == 200, r.text
             out[i] = {**r.json(), "species": i % 8, "sha256": hashlib.sha256(data).hexdigest()}
 
-    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    parallel(work, threads)
     return out
 
 

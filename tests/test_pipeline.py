@@ -24,7 +24,7 @@ from mlplatform.pipeline import gitops
 from mlplatform.pipeline.rollout import analyze, run_rollout
 from mlplatform.pipeline.triggers import consume_triggers, pipeline_lock, start_guarded
 
-from .conftest import ROOT, compose, run_cli
+from .conftest import ROOT, compose, parallel, run_cli
 
 PORT = 8765
 URL = f"http://127.0.0.1:{PORT}"
@@ -69,11 +69,7 @@ def _traffic(n: int, start: int, drifted: bool = False, feedback: bool = False, 
             with lock:
                 out.append(body)
 
-    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    parallel(work, threads)
     return out
 
 
@@ -274,3 +270,13 @@ def test_pipeline_config_errors_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         compose("+mode=pipeline", override)
     assert info.value.key == key
+
+
+def test_cronjob_example_is_a_valid_manifest() -> None:
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "docs" / "pipeline-cronjob.yaml").read_text())
+    assert doc["kind"] == "CronJob" and len(doc["spec"]["schedule"].split()) == 5
+    container = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["python", "run.py", "+mode=pipeline"]
+    compose(*container["command"][2:])  # the overrides it passes are a valid config

@@ -294,6 +294,8 @@ def _deployment():
 
         def __init__(self, settings: dict[str, Any]) -> None:
             self.s = settings
+            # Background work: on a busy node the request path gets the CPU first.
+            os.nice(int(settings.get("nice", 10)))
             self.store = CaptureStore(settings["capture_root"])
             tags = ("version", "detector")
             self.g_p = Gauge("mlp_drift_p_value", description="Drift p-value of the last window", tag_keys=tags)
