@@ -15,10 +15,8 @@ the records of one flush interval. Images are written before the records that na
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import os
 import random
 import threading
 import time
@@ -132,8 +130,7 @@ class CaptureWriter:
     # ------------------------------------------------------------------ background
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread can have its own nice value
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        # Not niced: the loss bound depends on this thread keeping its interval under load.
         while not self._stop.wait(self.flush_interval_s):
             self.flush()
 
