@@ -99,11 +99,16 @@ def test_end_to_end_drift_retrain_canary_promote(ray_cluster, tmp_path: Path) ->
         time.sleep(1)  # capture flush
 
         # 3. The pipeline retrains on base + captured data; v2 is blessed; the canary is proposed.
+        # The smoke test split has about 6 images per species: one image moves a species' recall
+        # by 0.17 and the accuracy by 0.02, so the gate's comparison with v1 is loosened here.
         pcfg = compose("+mode=pipeline", "+experiment=smoke", f"paths.root={root}", "logger=none",
-                       f"gitops.repo={repo}", "pipeline.canary_weight=50", "train.gate.min_gain=-0.05",
-                       "train.gate.max_recall_drop=0.5")
+                       f"gitops.repo={repo}", "pipeline.canary_weight=50", "train.gate.min_gain=-0.1",
+                       "train.gate.max_recall_drop=1.0")
         out = run_pipeline(pcfg)
         assert out["blessed"] and out["version"] != v1 and out["proposed"], out
+        gate = json.loads(Path(out["lineage"]).read_text())["steps"][5]["outputs"]
+        drifted = gate["slices"]["drifted"]  # what retraining on captured drifted data is for
+        assert drifted["candidate"]["acc"] > drifted["production"]["acc"], drifted
         assert out["triggers"] >= 1  # the alert's trigger files were consumed by this run
         v2 = out["version"]
         steps = {s["step"]: s["status"] for s in out["steps"]}
