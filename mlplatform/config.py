@@ -376,7 +376,7 @@ class MonitorQualityConf:
 class MonitorAlertsConf:
     path: str = "${paths.root}/alerts/alerts.jsonl"
     action: str = "log"  # none, log, retrain
-    min_consecutive: int = 1
+    min_consecutive: int = 2
     cooldown_s: float = 300.0
     trigger_dir: str = "${paths.root}/triggers"
     retrain_command: list[str] = field(default_factory=list)

@@ -40,14 +40,25 @@ def ray_session(ray_cfg: DictConfig) -> Iterator[Session]:
     # Workers import mlplatform from the installed package; keep their logs quiet.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict = {"log_to_driver": True}
+    started = not ray_cfg.address
     if ray_cfg.address:
         log.info("joining Ray cluster at %s", ray_cfg.address)
         ray.init(address=ray_cfg.address, **kwargs)
     else:
         log.info("starting a local Ray (num_cpus=%s)", ray_cfg.num_cpus)
-        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard,
-                 _metrics_export_port=ray_cfg.metrics_export_port, **kwargs)
+        try:
+            ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard,
+                     _metrics_export_port=ray_cfg.metrics_export_port, **kwargs)
+        except ValueError as exc:
+            if "existing cluster" not in str(exc):
+                raise
+            # `ray start` runs a cluster on this machine, and ray.init finds it by itself:
+            # use it (its own resources apply) rather than fail.
+            log.warning("a Ray cluster already runs on this machine (ray start): joining it; "
+                        "its resources apply, not ray.num_cpus")
+            ray.init(address="auto", **kwargs)
+            started = False
     try:
-        yield Session(started=not ray_cfg.address)
+        yield Session(started=started)
     finally:
         ray.shutdown()

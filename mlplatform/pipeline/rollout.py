@@ -26,14 +26,15 @@ from mlplatform.monitoring.capture import CaptureStore
 log = logging.getLogger(__name__)
 
 
-def version_stats(store: CaptureStore, since: float, version: str, shadow_of: str | None = None
-                  ) -> dict[str, Any]:
+def version_stats(store: CaptureStore, since: float, version: str, role: str,
+                  shadow_of: str | None = None) -> dict[str, Any]:
+    """One version's live figures while it served in `role` (stable or canary)."""
     cols = ["request_id", "ts", "version", "role", "latency_ms", "status", "top1"]
     rows = store.predictions(since=since, columns=cols).to_pylist()
-    mine = [r for r in rows if r["version"] == version and r["role"] != "shadow"]
+    mine = [r for r in rows if r["version"] == version and r["role"] == role]
     ok = [r for r in mine if (r["status"] or 200) < 500]
     lat = np.array([r["latency_ms"] for r in ok], float)
-    fb = [f for f in store.labelled(since=since) if f["version"] == version]
+    fb = [f for f in store.labelled(since=since) if f["version"] == version and f["role"] == role]
     stats: dict[str, Any] = {
         "version": version, "requests": len(mine), "errors": len(mine) - len(ok),
         "error_rate": (len(mine) - len(ok)) / len(mine) if mine else None,
@@ -117,8 +118,14 @@ def run_rollout(cfg: DictConfig) -> dict[str, Any]:
     since = parse_since(r.window).timestamp()
     store = CaptureStore(cfg.monitor.capture.root)
     mirrored = any(str(sh.ref) in (canary["ref"], canary["version"]) for sh in cfg.serve.shadows)
-    s_stats = version_stats(store, since, stable["version"])
-    c_stats = version_stats(store, since, canary["version"], shadow_of=stable["version"] if mirrored else None)
+    # Compare like with like: both versions over the same period, from the canary's first
+    # request in the window (stable's earlier traffic saw other load).
+    first = [r["ts"] for r in store.predictions(since=since, versions=[canary["version"]],
+                                                 columns=["ts", "role"]).to_pylist() if r["role"] == "canary"]
+    since = max(since, min(first)) if first else since
+    s_stats = version_stats(store, since, stable["version"], "stable")
+    c_stats = version_stats(store, since, canary["version"], "canary",
+                            shadow_of=stable["version"] if mirrored else None)
     result = analyze(s_stats, c_stats, r)
     decision = result["decision"]
     steps = list(r.steps)
