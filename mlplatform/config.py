@@ -762,7 +762,7 @@ def validate_pipeline(cfg: DictConfig) -> None:
         raise ConfigError("pipeline.steps", steps, "steps run in the order " + ", ".join(canonical)
                           + " (a prefix of it; tune may replace train)")
     if "tune" in steps and cfg.train.tune is None:
-        raise ConfigError("pipeline.steps", "tune", "needs a search space: train/tune=asha")
+        raise ConfigError("pipeline.steps", "tune", "needs a search space: +train/tune=asha")
     for sl in cfg.pipeline.evaluate.slices:
         if sl not in ("captured", "drifted"):
             raise ConfigError("pipeline.evaluate.slices", sl, "must be captured or drifted")

@@ -285,3 +285,21 @@ def test_cronjob_example_is_a_valid_manifest() -> None:
     container = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["python", "run.py", "+mode=pipeline"]
     compose(*container["command"][2:])  # the overrides it passes are a valid config
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pipeline_with_tune_registers_the_best_trial(ray_cluster, tmp_path: Path) -> None:
+    from mlplatform.pipeline.run import run_pipeline
+    from mlplatform.registry import Registry
+
+    cfg = compose("+mode=pipeline", "+experiment=smoke", f"paths.root={tmp_path}", "logger=none",
+                  "+train/tune=asha", "train.tune.num_samples=2", "train.epochs=2",
+                  "pipeline.steps=[snapshot,validate,split,tune,evaluate,gate,register]")
+    out = run_pipeline(cfg)
+    assert [s["step"] for s in out["steps"]] == list(cfg.pipeline.steps) and out["trained"]
+    lineage = json.loads(Path(out["lineage"]).read_text())
+    tune = next(s for s in lineage["steps"] if s["step"] == "tune")
+    assert tune["outputs"]["num_trials"] == 2 and tune["outputs"]["tune_best_config"]
+    meta = Registry(str(tmp_path / "registry"), "species-classifier").get(out["version"])
+    assert meta["source"] == "pipeline" and meta["pipeline"]["steps"]["tune"] == meta["pipeline"]["train_key"]
