@@ -295,6 +295,9 @@ def test_pipeline_with_tune_registers_the_best_trial(ray_cluster, tmp_path: Path
 
     cfg = compose("+mode=pipeline", "+experiment=smoke", f"paths.root={tmp_path}", "logger=none",
                   "+train/tune=asha", "train.tune.num_samples=2", "train.epochs=2",
+                  # No early stop: a trial ASHA stops mid-run can leave its Ray Train workers
+                  # holding CPUs on the shared test cluster (README: Hyperparameter search).
+                  "train.tune.scheduler.grace_period=3",
                   "pipeline.steps=[snapshot,validate,split,tune,evaluate,gate,register]")
     out = run_pipeline(cfg)
     assert [s["step"] for s in out["steps"]] == list(cfg.pipeline.steps) and out["trained"]
