@@ -110,6 +110,13 @@ def list_files(root: str) -> Iterator[FileEntry]:
                         size=info.size or 0, mtime=mtime)
 
 
+def list_dirs(root: str) -> list[str]:
+    """The names of the folders directly below `root`, sorted."""
+    fs, p = _fs(root)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
 def delete(path: str) -> None:
     """Remove a file if it exists."""
     fs, p = _fs(path)

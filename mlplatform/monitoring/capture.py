@@ -212,15 +212,17 @@ class CaptureStore:
         hi = _date(until) if until is not None else None
         wanted = set(versions) if versions is not None else None
         out = []
-        for f in storage.list_files(base):
-            if not f.rel.endswith(".parquet"):
-                continue
-            date = _partition(f.rel, "date") or ""
+        # Only the date partitions in range are walked: the monitor polls this every few seconds.
+        for day in storage.list_dirs(base):
+            date = day[len("date="):] if day.startswith("date=") else ""
             if (lo and date < lo) or (hi and date > hi):
                 continue
-            if wanted is not None and _partition(f.rel, "version") not in wanted:
-                continue
-            out.append(f)
+            for f in storage.list_files(storage.join(base, day)):
+                if not f.rel.endswith(".parquet"):
+                    continue
+                if wanted is not None and _partition(f.rel, "version") not in wanted:
+                    continue
+                out.append(storage.FileEntry(f.path, f"{day}/{f.rel}", f.size, f.mtime))
         return out
 
     def prediction_files(self, **kw: Any) -> list[storage.FileEntry]:

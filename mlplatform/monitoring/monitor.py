@@ -336,8 +336,10 @@ def _deployment():
 
         def poll(self) -> int:
             """Read capture files not seen yet (in time order) and feed the monitor."""
-            pfiles = [f for f in self.store.prediction_files(since=self.started - 86400) if f.path not in self.seen]
-            ffiles = [f for f in self.store.feedback_files(since=self.started - 86400) if f.path not in self.seen]
+            plisted = self.store.prediction_files(since=self.started - 86400)
+            flisted = self.store.feedback_files(since=self.started - 86400)
+            pfiles = [f for f in plisted if f.path not in self.seen]
+            ffiles = [f for f in flisted if f.path not in self.seen]
             from mlplatform.monitoring.capture import FEEDBACK_SCHEMA, PREDICTION_SCHEMA
 
             n = 0
@@ -355,7 +357,8 @@ def _deployment():
                         self.g_acc.set(acc, tags={"version": v})
                         self.g_labels.set(k, tags={"version": v})
                 n += len(rows)
-            self.seen.update(f.path for f in [*pfiles, *ffiles])
+            # Everything listed is read now; what left the window is forgotten (bounded memory).
+            self.seen = {f.path for f in [*plisted, *flisted]}
             self.last_poll = time.time()
             return n
 
