@@ -267,8 +267,9 @@ class ServeAcceleratorConf:
     # auto (cuda when visible), cpu or cuda.
     device: str = "auto"
     half: bool = False
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
+    fuse: bool = True
 
 
 @dataclass

@@ -7,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from mlplatform.registry import Registry
@@ -216,3 +218,24 @@ def test_offline_predict_writes_parquet_with_the_extended_model(ray_cluster, tra
     assert list(good["top1"]) == direct
     truth = good["path"].map(lambda p: Path(p).name.split("__")[0])
     assert (good["top1"] == truth).mean() > 1.5 * CHANCE
+
+
+def test_inference_optimizations_keep_the_answers(trained) -> None:
+    """Conv-BN folding and channels_last (the serving defaults) change speed, not answers."""
+    from mlplatform.data import synthetic
+    from mlplatform.deployments.extended import ExtendedModel
+
+    root, summary = trained
+    plain = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"], device="cpu",
+                          channels_last=False, fuse=False)
+    fast = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"], device="cpu")
+    assert fast.channels_last and not plain.channels_last
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules()) > 0
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules()) == 0  # folded
+    images = [synthetic.render(s, i, 64) for s in range(10) for i in range(4)]
+    p0, p1 = plain.predict(images, 3), fast.predict(images, 3)
+    assert [p.labels for p in p0] == [p.labels for p in p1]
+    np.testing.assert_allclose(np.stack([p.probabilities for p in p0]), np.stack([p.probabilities for p in p1]),
+                               atol=1e-4)
+    np.testing.assert_allclose(np.stack([p.embedding for p in p0]), np.stack([p.embedding for p in p1]),
+                               rtol=1e-3, atol=1e-4)

@@ -45,7 +45,8 @@ class ServeSettings(BaseModel):
     retry_after_s: int = 1
     top_k: int = 5
     batching: dict[str, Any] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
-    accelerator: dict[str, Any] = {"device": "auto", "half": False, "channels_last": False, "compile": False}
+    accelerator: dict[str, Any] = {"device": "auto", "half": False, "channels_last": True, "compile": False,
+                                   "fuse": True}
     inputs: dict[str, Any] = {}
     ingress_replicas: int = 1
     ingress_cpus: float = 0.25
