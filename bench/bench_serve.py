@@ -4,7 +4,10 @@ with batching off and on, at several client concurrencies, in one run.
 (a) limit: the extended model's forward pass at its best batch size, in-process;
 (b) naive: a one-request-at-a-time FastAPI + uvicorn server of the same model;
 (c) platform, batching off (max_batch_size=1); (d) platform, batching on; both with capture
-and drift monitoring on, as deployed; (e) batching on without capture and monitoring.
+and drift monitoring on, as deployed; (e) batching on without capture and monitoring;
+(f) batching on with Serve's standard Python proxy (ray.serve_high_throughput=false).
+(c)-(e) run in Ray Serve's high-throughput mode, the default (HAProxy ingress, gRPC between
+replicas); (f) restarts Ray without it.
 Single-image JPEG requests over HTTP on loopback. Prints a table, writes
 bench/results/serve.json. Usage: python bench/bench_serve.py [--seconds 6] [--model mobilenet_v3_small]
 """
@@ -28,6 +31,7 @@ from hydra import compose, initialize_config_dir
 from mlplatform import storage
 from mlplatform.config import register_configs, validate
 from mlplatform.data import synthetic
+from mlplatform.raycluster import apply_serve_env
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 CONCURRENCY = (1, 8, 32, 64)
@@ -126,6 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = ["+experiment=smoke", f"model={args.model}", f"paths.root={tmp}", "logger=none",
                 "train.epochs=1", f"data.synthetic.image_size={args.image_size}", "data.quality.min_images_per_split=0"]
+        apply_serve_env(True)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         from mlplatform.training.job import run_train
 
@@ -155,7 +160,13 @@ def main() -> None:
         monitor = ["monitor.capture.flush_interval_s=2", "monitor.interval_s=5", "monitor.window_size=64"]
         for key, batch, extra in (("c_batching_off", 1, monitor), ("d_batching_on", 32, monitor),
                                   ("e_batching_on_no_monitoring", 32,
-                                   ["monitor.enabled=false", "monitor.capture.enabled=false"])):
+                                   ["monitor.enabled=false", "monitor.capture.enabled=false"]),
+                                  ("f_batching_on_python_proxy", 32, monitor)):
+            if key.startswith("f_"):  # Serve reads its mode at process start: a fresh Ray
+                serve.shutdown()
+                ray.shutdown()
+                apply_serve_env(False)
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
             cfg = _cfg(["+mode=serve", *base, *extra, "serve.port=8791",
                         f"serve.versions=[{{ref: {version}, role: stable, weight: 100}}]", f"serve.batching.max_batch_size={batch}",
                         "serve.batching.batch_wait_timeout_s=0.005", "serve.deployment.num_cpus=1",
@@ -172,14 +183,17 @@ def main() -> None:
     limit = results["a_limit"]["images_per_s"]
     print(f"(a) limit: raw forward {limit} img/s at batch {results['a_limit']['best_batch_size']} "
           f"({results['a_limit']['by_batch_size']})")
-    print(f"{'target':<22}{'conc':>6}{'img/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
-    for key in ("b_naive", "c_batching_off", "d_batching_on", "e_batching_on_no_monitoring"):
+    print(f"{'target':<28}{'conc':>6}{'img/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    for key in ("b_naive", "c_batching_off", "d_batching_on", "e_batching_on_no_monitoring",
+                "f_batching_on_python_proxy"):
         for c, r in results[key].items():
-            print(f"{key:<22}{c:>6}{r['images_per_s']:>10}{str(r['p50_ms']):>10}{str(r['p95_ms']):>10}"
+            print(f"{key:<28}{c:>6}{r['images_per_s']:>10}{str(r['p50_ms']):>10}{str(r['p95_ms']):>10}"
                   f"{str(r['p99_ms']):>10}{r['errors']:>8}")
     on32, naive32 = results["d_batching_on"][32]["images_per_s"], results["b_naive"][32]["images_per_s"]
     summary = {"batching_on_vs_naive_at_32": round(on32 / naive32, 2) if naive32 else None,
                "batching_on_vs_limit_at_32": round(on32 / limit, 2) if limit else None,
+               "high_throughput_vs_python_proxy_at_32": round(
+                   on32 / results["f_batching_on_python_proxy"][32]["images_per_s"], 2),
                "cpus": os.cpu_count(), "model": args.model, "image_size": args.image_size, "seconds_per_point": args.seconds}
     print(f"at concurrency 32: batching on = {summary['batching_on_vs_naive_at_32']}x the naive server, "
           f"{summary['batching_on_vs_limit_at_32']:.0%} of the limit (targets: >= 2x and >= 60%)")

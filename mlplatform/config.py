@@ -34,6 +34,9 @@ class RayConf:
     include_dashboard: bool | None = None
     # Prometheus metrics of a locally started Ray (Serve's custom metrics included).
     metrics_export_port: int | None = 8080
+    # Ray Serve's high-throughput mode (HAProxy ingress, direct ingress, gRPC between replicas)
+    # for a Ray this job starts; a joined cluster keeps the mode it was started with.
+    serve_high_throughput: bool = True
 
 
 @dataclass

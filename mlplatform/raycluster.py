@@ -13,6 +13,20 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
+# Ray Serve reads these when each of its processes starts, so they must be in the environment
+# of the Ray that runs Serve: set here before a local ray.init, in the RayService manifest and
+# Dockerfile for a cluster, or exported before `ray start`.
+HIGH_THROUGHPUT_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+
+
+def serve_env(high_throughput: bool) -> dict[str, str]:
+    return {k: "1" if high_throughput else "0" for k in HIGH_THROUGHPUT_ENV}
+
+
+def apply_serve_env(high_throughput: bool) -> None:
+    """The YAML decides, over whatever the shell exported."""
+    os.environ.update(serve_env(high_throughput))
+
 
 @dataclass
 class Session:
@@ -41,11 +55,14 @@ def ray_session(ray_cfg: DictConfig) -> Iterator[Session]:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict = {"log_to_driver": True}
     started = not ray_cfg.address
+    high_throughput = bool(ray_cfg.get("serve_high_throughput", True))
     if ray_cfg.address:
-        log.info("joining Ray cluster at %s", ray_cfg.address)
+        log.info("joining Ray cluster at %s (Serve runs in the mode that cluster was started with; "
+                 "high-throughput needs %s=1 in its environment)", ray_cfg.address, "/".join(HIGH_THROUGHPUT_ENV))
         ray.init(address=ray_cfg.address, **kwargs)
     else:
-        log.info("starting a local Ray (num_cpus=%s)", ray_cfg.num_cpus)
+        log.info("starting a local Ray (num_cpus=%s, serve high-throughput=%s)", ray_cfg.num_cpus, high_throughput)
+        apply_serve_env(high_throughput)
         try:
             ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard,
                      _metrics_export_port=ray_cfg.metrics_export_port, **kwargs)

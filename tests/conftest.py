@@ -35,7 +35,10 @@ def ray_cluster():
     """A real local Ray, started once: a fresh ray.init costs about 6 s here."""
     import ray
 
+    from mlplatform.raycluster import apply_serve_env
+
     if not ray.is_initialized():
+        apply_serve_env(True)  # the serving tests run in the mode production runs in
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

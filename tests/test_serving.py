@@ -336,9 +336,13 @@ def test_deploy_writes_a_serve_config_ray_accepts_and_a_rayservice(served, tmp_p
     ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     worker = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and out["gpu"] is True
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for container in (head, worker):  # Serve's high-throughput mode, read at process start
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     docker = Path(out["dockerfile"]).read_text()
     assert docker.startswith("# Generated") and "FROM rayproject/ray:2.60.0-py311-gpu" in docker
-    assert "-c constraints.txt" in docker
+    assert "-c constraints.txt" in docker and "RAY_SERVE_ENABLE_HA_PROXY=1" in docker
 
 
 def test_timeouts_give_504_and_backpressure_503_with_retry_after(served) -> None:

@@ -16,6 +16,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from mlplatform import storage
 from mlplatform.deployments.serve_mode import deploy_schema, resolve_settings
+from mlplatform.raycluster import serve_env
 
 
 def serve_config(cfg: DictConfig) -> dict[str, Any]:
@@ -44,6 +45,8 @@ def rayservice(cfg: DictConfig, serve_cfg: dict[str, Any]) -> dict[str, Any]:
     # The registry and artifacts as the cluster sees them: run +mode=deploy with paths.root on
     # the cluster's shared storage (s3://, gs:// or a mounted volume).
     env = [{"name": "MLP_PATHS_ROOT", "value": storage.resolve_root(cfg.paths.root)}]
+    # Serve reads its mode at process start: every Ray container carries it.
+    env += [{"name": k, "value": v} for k, v in serve_env(bool(cfg.ray.serve_high_throughput)).items()]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -89,7 +92,7 @@ COPY --chown=ray:users mlplatform ./mlplatform
 COPY --chown=ray:users conf ./conf
 COPY --chown=ray:users run.py ./
 RUN pip install --no-cache-dir -c constraints.txt -e .
-ENV PYTHONUNBUFFERED=1 WANDB_MODE=offline
+ENV PYTHONUNBUFFERED=1 WANDB_MODE=offline {" ".join(f"{k}={v}" for k, v in serve_env(bool(cfg.ray.serve_high_throughput)).items())}
 # Serve (8000), dashboard (8265), metrics (8080).
 EXPOSE 8000 8265 8080
 CMD ["python", "run.py", "+mode=serve", "serve.host=0.0.0.0"]
