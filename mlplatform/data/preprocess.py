@@ -95,10 +95,10 @@ def normalize(batch_hwc: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def normalize_torch(batch_nhwc: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """The same as `normalize`, on a torch uint8 batch (N, H, W, 3), on any device."""
-    x = batch_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
+    x = batch_nhwc.permute(0, 3, 1, 2).float().div_(255.0)  # keeps NHWC strides: channels_last
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std)
 
 
 def to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
