@@ -111,6 +111,29 @@ def test_request_id_is_echoed(served) -> None:
     assert r.json()["request_id"] == "abc-123" and r.headers["x-request-id"] == "abc-123"
 
 
+def test_structured_request_logs(served) -> None:
+    """One JSON line per request in the Ray logs' serve/requests_Ingress_<pid>.jsonl."""
+    import glob
+
+    import ray
+
+    ok = _post(data=_jpeg(), headers={"content-type": "image/jpeg", "x-request-id": "log-ok"})
+    bad = _post(data=b"hello", headers={"content-type": "image/jpeg", "x-request-id": "log-bad"})
+    assert ok.status_code == 200 and bad.status_code == 400
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    deadline, found = time.time() + 10, {}
+    while time.time() < deadline and len(found) < 2:
+        for path in glob.glob(f"{logs}/serve/requests_Ingress_*.jsonl"):
+            for line in Path(path).read_text().splitlines():
+                rec = json.loads(line)  # every line is one JSON object
+                if rec.get("request_id") in ("log-ok", "log-bad"):
+                    found[rec["request_id"]] = rec
+        time.sleep(0.2)
+    assert found["log-ok"]["status"] == 200 and found["log-ok"]["version"] == ok.json()["version"]
+    assert found["log-bad"]["status"] == 400 and found["log-ok"]["route"] == "predict"
+    assert all(rec["latency_ms"] > 0 for rec in found.values())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status"),
     [

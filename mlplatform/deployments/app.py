@@ -9,6 +9,8 @@ with the same config that `python run.py +mode=serve` uses.
 import asyncio
 import json
 import logging
+import os
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -55,14 +57,27 @@ class ServeSettings(BaseModel):
     monitor: dict[str, Any] | None = None  # settings of the DriftMonitor deployment; None: off
 
 
-def _json_logs() -> None:
-    """One JSON object per line on the replica's stderr (Ray keeps it in the replica log)."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+def _json_logs(deployment: str) -> str | None:
+    """One JSON object per request and line, in `requests_<deployment>_<pid>.jsonl` beside
+    this replica's Serve log (the Ray logs directory's `serve/`). Written straight to the file:
+    Serve's stderr capture would wrap each line in its own format and cost a stack walk per
+    line. Falls back to the process's stderr when Serve's log directory is unknown."""
+    if log.handlers:
+        return next((h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)), None)
+    serve_handlers = logging.getLogger("ray.serve").handlers  # Serve buffers in a MemoryHandler
+    serve_files = [h.baseFilename for h in [*serve_handlers, *(getattr(h, "target", None) for h in serve_handlers)]
+                   if isinstance(h, logging.FileHandler)]
+    path = None
+    if serve_files:
+        path = os.path.join(os.path.dirname(serve_files[0]), f"requests_{deployment}_{os.getpid()}.jsonl")
+        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.__stderr__)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return path
 
 
 # ----------------------------------------------------------------------------- model replicas
@@ -151,7 +166,7 @@ def _request_id(request: Request) -> str:
 class Ingress:
     def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle],
                  monitor: DeploymentHandle | None = None) -> None:
-        _json_logs()
+        self.log_path = _json_logs("Ingress")
         self.s = ServeSettings(**settings)
         self.models = models
         self.monitor = monitor
