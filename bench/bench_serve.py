@@ -5,7 +5,8 @@ with batching off and on, at several client concurrencies, in one run.
 (b) naive: a one-request-at-a-time FastAPI + uvicorn server of the same model;
 (c) platform, batching off (max_batch_size=1); (d) platform, batching on; both with capture
 and drift monitoring on, as deployed; (e) batching on without capture and monitoring;
-(f) batching on with Serve's standard Python proxy (ray.serve_high_throughput=false).
+(f) batching on with Serve's standard Python proxy (ray.serve_high_throughput=false);
+(g) the floor: the same Serve path with no model at all (what any such app cannot beat here).
 (c)-(e) run in Ray Serve's high-throughput mode, the default (HAProxy ingress, gRPC between
 replicas); (f) restarts Ray without it.
 Single-image JPEG requests over HTTP on loopback. Prints a table, writes
@@ -95,6 +96,33 @@ def _naive_server(registry_root: str, model_name: str, version: str, port: int) 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", workers=1)
 
 
+def _floor_app():
+    """(g) The same Serve path with no model: an ingress that reads the body and makes one
+    handle call to a deployment that returns at once. The ceiling of any app of this shape
+    (HTTP in, one hop to a model replica) on this machine, whatever its model costs."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=256)
+    class NoModel:
+        async def __call__(self, n: int) -> dict:
+            return {"n": n}
+
+    @serve.deployment(max_ongoing_requests=256)
+    @serve.ingress(app)
+    class NoopIngress:
+        def __init__(self, model) -> None:
+            self.model = model
+
+        @app.post("/predict")
+        async def predict(self, request: Request) -> dict:
+            return await self.model.remote(len(await request.body()))
+
+    return NoopIngress.bind(NoModel.bind())
+
+
 def _limit(registry_root: str, model_name: str, version: str, size: int) -> dict[str, float]:
     from mlplatform.deployments.extended import ExtendedModel
 
@@ -179,13 +207,22 @@ def main() -> None:
                             for c in CONCURRENCY}
         serve.shutdown()
         ray.shutdown()
+        apply_serve_env(True)  # (g) in the default mode, on a fresh Ray
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": 8791})
+        serve.run(_floor_app(), name="floor", route_prefix="/")
+        asyncio.run(_load("http://127.0.0.1:8791/predict", body, 4, 1.0))
+        results["g_serve_floor_no_model"] = {c: asyncio.run(_load("http://127.0.0.1:8791/predict", body, c,
+                                                                  args.seconds)) for c in CONCURRENCY}
+        serve.shutdown()
+        ray.shutdown()
 
     limit = results["a_limit"]["images_per_s"]
     print(f"(a) limit: raw forward {limit} img/s at batch {results['a_limit']['best_batch_size']} "
           f"({results['a_limit']['by_batch_size']})")
     print(f"{'target':<28}{'conc':>6}{'img/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for key in ("b_naive", "c_batching_off", "d_batching_on", "e_batching_on_no_monitoring",
-                "f_batching_on_python_proxy"):
+                "f_batching_on_python_proxy", "g_serve_floor_no_model"):
         for c, r in results[key].items():
             print(f"{key:<28}{c:>6}{r['images_per_s']:>10}{str(r['p50_ms']):>10}{str(r['p95_ms']):>10}"
                   f"{str(r['p99_ms']):>10}{r['errors']:>8}")
@@ -194,6 +231,7 @@ def main() -> None:
                "batching_on_vs_limit_at_32": round(on32 / limit, 2) if limit else None,
                "high_throughput_vs_python_proxy_at_32": round(
                    on32 / results["f_batching_on_python_proxy"][32]["images_per_s"], 2),
+               "serve_floor_at_32": results["g_serve_floor_no_model"][32]["images_per_s"],
                "cpus": os.cpu_count(), "model": args.model, "image_size": args.image_size, "seconds_per_point": args.seconds}
     print(f"at concurrency 32: batching on = {summary['batching_on_vs_naive_at_32']}x the naive server, "
           f"{summary['batching_on_vs_limit_at_32']:.0%} of the limit (targets: >= 2x and >= 60%)")
