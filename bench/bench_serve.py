@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import ray
@@ -52,20 +53,25 @@ def _jpeg(size: int = 64) -> bytes:
 
 
 async def _load(url: str, body: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+    """`concurrency` clients, each posting the image again as soon as its answer arrives.
+    aiohttp: the load generator shares the machine's cores, and httpx cost 2.3 ms of CPU per
+    request at concurrency 32 (5.5 ms at 64), capping any server near 430 req/s; aiohttp
+    costs 0.07 ms."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
         async def worker() -> None:
             nonlocal errors
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                r = await client.post(url, content=body, headers={"content-type": "image/jpeg"})
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - t0)
-                else:
-                    errors += 1
+                async with client.post(url, data=body, headers={"content-type": "image/jpeg"}) as r:
+                    await r.read()
+                    if r.status == 200:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
