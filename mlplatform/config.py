@@ -401,6 +401,9 @@ class MonitorConf:
     enabled: bool = True
     window_size: int = 64
     interval_s: float = 5.0
+    # Under heavy traffic score only the newest windows, at most this many per version per
+    # poll (the rest are counted as skipped); 0 scores every window.
+    max_windows_per_poll: int = 2
     # The per-window false-alarm budget of the batch detectors together (Bonferroni).
     p_val_budget: float = 0.05
     # name -> {_target_: ..., ...}; built with hydra.utils.instantiate.

@@ -16,6 +16,7 @@ from mlplatform.monitoring import detectors as D
 from mlplatform.monitoring.capture import CaptureStore, CaptureWriter
 from mlplatform.monitoring.monitor import (
     AlertManager,
+    Monitor,
     QualityTracker,
     VersionMonitor,
     WindowResult,
@@ -128,6 +129,10 @@ def test_budget_is_shared_by_batch_detectors() -> None:
 
 def test_backends_agree_and_detect_a_shift() -> None:
     """alibi-detect and the scipy backend compute the same tests behind one interface."""
+    import torch
+
+    torch.manual_seed(0)  # MMD's permutation test: a 5% false alarm is its design, not a bug
+    np.random.seed(0)
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(200, 16))
     same, shifted = rng.normal(size=(64, 16)), rng.normal(size=(64, 16)) + 0.7
@@ -157,6 +162,27 @@ def test_version_monitor_windows() -> None:
     windows = vm.add(recs)
     assert [(w.index, w.n, w.start_ts, w.end_ts) for w in windows] == [(0, 20, 0, 19), (1, 20, 20, 39)]
     assert len(vm._ts) == 10 and sum(windows[0].species.values()) == 20
+
+
+def test_heavy_traffic_scores_the_newest_windows_only(tmp_path: Path) -> None:
+    """monitor.max_windows_per_poll: per version, the newest records that fill the allowed
+    windows (pending records count), in time order; the rest are reported as skipped."""
+    rng = np.random.default_rng(2)
+    ref = {"embedding": rng.normal(size=(50, 4)), "prediction": rng.integers(0, 3, 50),
+           "frequencies": np.full(3, 1 / 3), "labels": ["a", "b", "c"]}
+    mon = Monitor({"window_size": 10, "quality": {"window": 10, "min_labels": 5, "min_accuracy": 0.5},
+                   "alerts": {"path": str(tmp_path / "alerts.jsonl"), "action": "log", "min_consecutive": 2,
+                              "cooldown_s": 60}})
+    mon.monitors["v1"] = VersionMonitor("v1", ref, [D.ScipyKS()], window_size=10)
+    mon.monitors["v1"].add([{"embedding": rng.normal(size=4), "top1_index": 0, "ts": -1.0}] * 4)  # 4 pending
+    versions = ["v1", "v2"] * 30
+    ts = [float(60 - i) for i in range(60)]  # newest first: the sample must reorder
+    keep, skipped = mon.sample_latest(versions, ts, max_windows=2)
+    assert skipped == {"v1": 30 - 16, "v2": 30 - 20}
+    assert [ts[i] for i in keep] == sorted(ts[i] for i in keep)  # time order
+    kept_v1 = sorted(ts[i] for i in keep if versions[i] == "v1")
+    assert kept_v1 == sorted(t for t, v in zip(ts, versions, strict=True) if v == "v1")[-16:]  # the newest
+    assert mon.sample_latest(versions, ts, max_windows=100)[1] == {}
 
 
 @pytest.mark.parametrize("override,key", [

@@ -77,6 +77,7 @@ def monitor_settings(cfg: DictConfig, registry_root: str) -> dict[str, Any]:
                   "trigger_dir": storage.resolve_root(m["alerts"]["trigger_dir"])}
         monitor = {"registry_root": registry_root, "registry_model": cfg.registry.model_name,
                    "capture_root": capture["root"], "window_size": m["window_size"], "interval_s": m["interval_s"],
+                   "max_windows_per_poll": m["max_windows_per_poll"],
                    "p_val_budget": m["p_val_budget"], "detectors": m["detectors"] or {}, "quality": m["quality"],
                    "alerts": alerts, "num_cpus": m["num_cpus"], "nice": m["nice"]}
     return {"capture": capture, "monitor": monitor}

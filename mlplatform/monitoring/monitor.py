@@ -248,6 +248,23 @@ class Monitor:
                 self.monitors[version] = None
         return self.monitors[version]
 
+    def sample_latest(self, versions: list[str], ts: list[float], max_windows: int) -> tuple[list[int], dict[str, int]]:
+        """Indices of the newest records that fill at most `max_windows` windows per version
+        (counting what is already pending), in time order, and how many were skipped per
+        version: under heavy traffic the monitor scores a sample of windows, the latest."""
+        by_version: dict[str, list[int]] = {}
+        for i in sorted(range(len(ts)), key=ts.__getitem__):
+            by_version.setdefault(versions[i], []).append(i)
+        keep, skipped = [], {}
+        for version, idx in by_version.items():
+            m = self.monitors.get(version)
+            room = max(0, max_windows * int(self.s["window_size"]) - (len(m._ts) if m else 0))
+            if len(idx) > room:
+                skipped[version] = len(idx) - room
+                idx = idx[len(idx) - room:]
+            keep += idx
+        return sorted(keep, key=ts.__getitem__), skipped
+
     def add_predictions(self, records: list[dict[str, Any]]) -> list[WindowResult]:
         by_version: dict[str, list[dict[str, Any]]] = {}
         for r in records:
@@ -311,6 +328,9 @@ def _deployment():
             self.c_alerts = Counter("mlp_alerts_total", description="Alerts raised",
                                     tag_keys=("version", "kind", "detector"))
             self.c_windows = Counter("mlp_monitor_windows_total", description="Windows scored", tag_keys=("version",))
+            self.c_skipped = Counter("mlp_monitor_skipped_total", tag_keys=("version",),
+                                     description="Captured predictions not scored (monitor.max_windows_per_poll)")
+            self.skipped: dict[str, int] = {}
             self.monitor = Monitor(settings, on_window=self._gauges, on_alert=self._count)
             self.seen: set[str] = set()
             self.started = time.time()
@@ -345,7 +365,16 @@ def _deployment():
             n = 0
             if pfiles:
                 cols = ["request_id", "ts", "version", "role", "top1_index", "embedding"]
-                rows = self.store.read(pfiles, PREDICTION_SCHEMA, cols, since=self.started).to_pylist()
+                table = self.store.read(pfiles, PREDICTION_SCHEMA, cols, since=self.started)
+                cap = int(self.s.get("max_windows_per_poll") or 0)
+                if cap > 0 and table.num_rows:
+                    keep, skipped = self.monitor.sample_latest(table.column("version").to_pylist(),
+                                                               table.column("ts").to_pylist(), cap)
+                    table = table.take(keep)
+                    for v, k in skipped.items():
+                        self.skipped[v] = self.skipped.get(v, 0) + k
+                        self.c_skipped.inc(k, tags={"version": v})
+                rows = table.to_pylist()
                 self.monitor.add_predictions(rows)
                 n += len(rows)
             if ffiles:
@@ -377,7 +406,8 @@ def _deployment():
                 acc, n = self.monitor.quality.accuracy(v)
                 last = [w for w in self.monitor.results if w.version == v][-1:]
                 versions[v] = {"available": m is not None, "windows": m.windows if m else 0,
-                               "pending": len(m._ts) if m else 0, "accuracy": acc, "labels": n,
+                               "pending": len(m._ts) if m else 0, "skipped": self.skipped.get(v, 0),
+                               "accuracy": acc, "labels": n,
                                "last": last[0].to_dict() if last else None}
             return {"versions": versions, "alerts": self.monitor.alerts.raised, "last_poll": self.last_poll,
                     "error": self.error, "windows": [w.to_dict() for w in self.monitor.results[-200:]]}
