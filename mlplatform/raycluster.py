@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,18 @@ def apply_serve_env(high_throughput: bool) -> None:
     # it go (Ray's default is 30 s, right for a cluster's). A local Ray's only balancer is
     # Serve's own HAProxy: Ctrl-C then returns in about 10 s instead of 40.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
+    if high_throughput:
+        # HAProxy's own metrics and stats listeners default to fixed ports (9101, 8404) on
+        # every interface: a second local Ray on this machine could not start its HAProxy.
+        # Each local Ray takes free ones (a child process started from here gets its own).
+        for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
+            os.environ[key] = str(_free_port())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass

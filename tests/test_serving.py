@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -392,3 +393,73 @@ def test_timeouts_give_504_and_backpressure_503_with_retry_after(served) -> None
     finally:
         deploy(compose(*_serve_overrides(served["root"], *base)))
     assert _post(data=_jpeg(), headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="ignore")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_cli_serve_stops_on_sigint_and_leaves_no_process(served) -> None:
+    """`python run.py +mode=serve` on a Ray of its own: it serves, and SIGINT stops Serve,
+    HAProxy and Ray with every process it started gone."""
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    port = 8797
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "+mode=serve", "+experiment=smoke", f"paths.root={served['root']}",
+         f"serve.port={port}", "serve.versions=[{ref: v1, role: stable, weight: 100}]",
+         "serve.deployment.num_cpus=0.25", "monitor.enabled=false", "ray.metrics_export_port=null"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 180
+        while not any(line.startswith("serving;") for line in lines):
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        r = requests.post(f"http://127.0.0.1:{port}/predict", data=_jpeg(),
+                          headers={"content-type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200 and r.json()["version"] == "v1"
+        started = _descendants(proc.pid)
+        assert any("haproxy" in _cmdline(p) for p in started), "the high-throughput mode runs HAProxy"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+        deadline = time.time() + 15
+        while [p for p in started if _alive(p)] and time.time() < deadline:
+            time.sleep(0.5)
+        assert [p for p in started if _alive(p)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
