@@ -102,6 +102,12 @@ def _naive_server(registry_root: str, model_name: str, version: str, port: int) 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", workers=1)
 
 
+def _start_ray(high_throughput: bool) -> None:
+    """A local Ray on all cores; Serve reads its mode from the environment at process start."""
+    apply_serve_env(high_throughput)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
 def _floor_app():
     """(g) The same Serve path with no model: an ingress that reads the body and makes one
     handle call to a deployment that returns at once. The ceiling of any app of this shape
@@ -164,8 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = ["+experiment=smoke", f"model={args.model}", f"paths.root={tmp}", "logger=none",
                 "train.epochs=1", f"data.synthetic.image_size={args.image_size}", "data.quality.min_images_per_split=0"]
-        apply_serve_env(True)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        _start_ray(high_throughput=True)
         from mlplatform.training.job import run_train
 
         trained = run_train(_cfg(["+mode=train", *base]))
@@ -199,8 +204,7 @@ def main() -> None:
             if key.startswith("f_"):  # Serve reads its mode at process start: a fresh Ray
                 serve.shutdown()
                 ray.shutdown()
-                apply_serve_env(False)
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+                _start_ray(high_throughput=False)
             cfg = _cfg(["+mode=serve", *base, *extra, "serve.port=8791",
                         f"serve.versions=[{{ref: {version}, role: stable, weight: 100}}]", f"serve.batching.max_batch_size={batch}",
                         "serve.batching.batch_wait_timeout_s=0.005", "serve.deployment.num_cpus=1",
@@ -213,8 +217,7 @@ def main() -> None:
                             for c in CONCURRENCY}
         serve.shutdown()
         ray.shutdown()
-        apply_serve_env(True)  # (g) in the default mode, on a fresh Ray
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        _start_ray(high_throughput=True)  # (g) in the default mode, on a fresh Ray
         serve.start(http_options={"host": "127.0.0.1", "port": 8791})
         serve.run(_floor_app(), name="floor", route_prefix="/")
         asyncio.run(_load("http://127.0.0.1:8791/predict", body, 4, 1.0))

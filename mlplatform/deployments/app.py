@@ -57,17 +57,16 @@ class ServeSettings(BaseModel):
     monitor: dict[str, Any] | None = None  # settings of the DriftMonitor deployment; None: off
 
 
-def _json_logs(deployment: str) -> str | None:
+def _json_logs(deployment: str) -> None:
     """One JSON object per request and line, in `requests_<deployment>_<pid>.jsonl` beside
     this replica's Serve log (the Ray logs directory's `serve/`). Written straight to the file:
     Serve's stderr capture would wrap each line in its own format and cost a stack walk per
     line. Falls back to the process's stderr when Serve's log directory is unknown."""
     if log.handlers:
-        return next((h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)), None)
+        return
     serve_handlers = logging.getLogger("ray.serve").handlers  # Serve buffers in a MemoryHandler
     serve_files = [h.baseFilename for h in [*serve_handlers, *(getattr(h, "target", None) for h in serve_handlers)]
                    if isinstance(h, logging.FileHandler)]
-    path = None
     if serve_files:
         path = os.path.join(os.path.dirname(serve_files[0]), f"requests_{deployment}_{os.getpid()}.jsonl")
         handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
@@ -77,7 +76,6 @@ def _json_logs(deployment: str) -> str | None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    return path
 
 
 # ----------------------------------------------------------------------------- model replicas
@@ -166,7 +164,7 @@ def _request_id(request: Request) -> str:
 class Ingress:
     def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle],
                  monitor: DeploymentHandle | None = None) -> None:
-        self.log_path = _json_logs("Ingress")
+        _json_logs("Ingress")
         self.s = ServeSettings(**settings)
         self.models = models
         self.monitor = monitor
