@@ -6,9 +6,10 @@ with batching off and on, at several client concurrencies, in one run.
 (c) platform, batching off (max_batch_size=1); (d) platform, batching on; both with capture
 and drift monitoring on, as deployed; (e) batching on without capture and monitoring;
 (f) batching on with Serve's standard Python proxy (ray.serve_high_throughput=false);
-(g) the floor: the same Serve path with no model at all (what any such app cannot beat here).
+(g) the HTTP floor: the ingress alone answering, no model (what no such app beats here).
 (c)-(e) run in Ray Serve's high-throughput mode, the default (HAProxy ingress, gRPC between
-replicas); (f) restarts Ray without it.
+replicas); (f) restarts Ray without it. The ingress batches per version and sends one call
+per batch to the model replica.
 Single-image JPEG requests over HTTP on loopback. Prints a table, writes
 bench/results/serve.json. Usage: python bench/bench_serve.py [--seconds 6] [--model mobilenet_v3_small]
 """
@@ -109,30 +110,22 @@ def _start_ray(high_throughput: bool) -> None:
 
 
 def _floor_app():
-    """(g) The same Serve path with no model: an ingress that reads the body and makes one
-    handle call to a deployment that returns at once. The ceiling of any app of this shape
-    (HTTP in, one hop to a model replica) on this machine, whatever its model costs."""
+    """(g) The HTTP floor: HAProxy and an ingress replica that reads the body and answers,
+    with no model and no hop to another replica. No Serve app with an HTTP ingress beats it
+    on this machine, whatever its model costs."""
     from fastapi import FastAPI, Request
     from ray import serve
 
     app = FastAPI()
 
     @serve.deployment(max_ongoing_requests=256)
-    class NoModel:
-        async def __call__(self, n: int) -> dict:
-            return {"n": n}
-
-    @serve.deployment(max_ongoing_requests=256)
     @serve.ingress(app)
     class NoopIngress:
-        def __init__(self, model) -> None:
-            self.model = model
-
         @app.post("/predict")
         async def predict(self, request: Request) -> dict:
-            return await self.model.remote(len(await request.body()))
+            return {"n": len(await request.body())}
 
-    return NoopIngress.bind(NoModel.bind())
+    return NoopIngress.bind()
 
 
 def _limit(registry_root: str, model_name: str, version: str, size: int) -> dict[str, float]:
@@ -196,7 +189,8 @@ def main() -> None:
 
         # The platform as deployed: capture and drift monitoring on, at their default intervals
         # (smoke's short ones are for tests); (e) shows what they cost on the same cores.
-        monitor = ["monitor.capture.flush_interval_s=2", "monitor.interval_s=5", "monitor.window_size=64"]
+        monitor = ["monitor.capture.flush_interval_s=2", "monitor.interval_s=5", "monitor.window_size=64",
+                   "monitor.max_windows_per_poll=2"]
         for key, batch, extra in (("c_batching_off", 1, monitor), ("d_batching_on", 32, monitor),
                                   ("e_batching_on_no_monitoring", 32,
                                    ["monitor.enabled=false", "monitor.capture.enabled=false"]),
@@ -207,7 +201,7 @@ def main() -> None:
                 _start_ray(high_throughput=False)
             cfg = _cfg(["+mode=serve", *base, *extra, "serve.port=8791",
                         f"serve.versions=[{{ref: {version}, role: stable, weight: 100}}]", f"serve.batching.max_batch_size={batch}",
-                        "serve.batching.batch_wait_timeout_s=0.005", "serve.deployment.num_cpus=1",
+                        "serve.batching.batch_wait_timeout_s=0.01", "serve.deployment.num_cpus=1",
                         "serve.deployment.min_replicas=1", "serve.deployment.max_replicas=1",
                         "serve.deployment.max_ongoing_requests=128", "serve.deployment.max_queued_requests=-1",
                         "serve.ingress_cpus=0.5"])
@@ -221,7 +215,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": 8791})
         serve.run(_floor_app(), name="floor", route_prefix="/")
         asyncio.run(_load("http://127.0.0.1:8791/predict", body, 4, 1.0))
-        results["g_serve_floor_no_model"] = {c: asyncio.run(_load("http://127.0.0.1:8791/predict", body, c,
+        results["g_http_floor_no_model"] = {c: asyncio.run(_load("http://127.0.0.1:8791/predict", body, c,
                                                                   args.seconds)) for c in CONCURRENCY}
         serve.shutdown()
         ray.shutdown()
@@ -231,7 +225,7 @@ def main() -> None:
           f"({results['a_limit']['by_batch_size']})")
     print(f"{'target':<28}{'conc':>6}{'img/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for key in ("b_naive", "c_batching_off", "d_batching_on", "e_batching_on_no_monitoring",
-                "f_batching_on_python_proxy", "g_serve_floor_no_model"):
+                "f_batching_on_python_proxy", "g_http_floor_no_model"):
         for c, r in results[key].items():
             print(f"{key:<28}{c:>6}{r['images_per_s']:>10}{str(r['p50_ms']):>10}{str(r['p95_ms']):>10}"
                   f"{str(r['p99_ms']):>10}{r['errors']:>8}")
@@ -240,7 +234,7 @@ def main() -> None:
                "batching_on_vs_limit_at_32": round(on32 / limit, 2) if limit else None,
                "high_throughput_vs_python_proxy_at_32": round(
                    on32 / results["f_batching_on_python_proxy"][32]["images_per_s"], 2),
-               "serve_floor_at_32": results["g_serve_floor_no_model"][32]["images_per_s"],
+               "http_floor_at_32": results["g_http_floor_no_model"][32]["images_per_s"],
                "cpus": os.cpu_count(), "model": args.model, "image_size": args.image_size, "seconds_per_point": args.seconds}
     print(f"at concurrency 32: batching on = {summary['batching_on_vs_naive_at_32']}x the naive server, "
           f"{summary['batching_on_vs_limit_at_32']:.0%} of the limit (targets: >= 2x and >= 60%)")

@@ -273,6 +273,8 @@ class ServeAcceleratorConf:
     channels_last: bool = True
     compile: bool = False
     fuse: bool = True
+    # CPU threads per model replica's forward pass; 0: Ray's default (one per num_cpus).
+    threads: int = 0
 
 
 @dataclass
@@ -707,6 +709,8 @@ def validate_serve(serve: DictConfig) -> None:
         raise ConfigError("serve.batching.batch_wait_timeout_s", serve.batching.batch_wait_timeout_s, "must be >= 0")
     if serve.accelerator.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("serve.accelerator.device", serve.accelerator.device, "must be auto, cpu or cuda")
+    if serve.accelerator.threads < 0:
+        raise ConfigError("serve.accelerator.threads", serve.accelerator.threads, "must be >= 0 (0: one per num_cpus)")
     if not 1 <= serve.top_k:
         raise ConfigError("serve.top_k", serve.top_k, "must be >= 1")
     _positive("serve.request_timeout_s", serve.request_timeout_s)

@@ -68,6 +68,7 @@ def test_pretrained_weights_load_from_local_file(tmp_path: Path) -> None:
         ("model.weights_path=/no/such/file.pt", "model.weights_path=/no/such/file.pt"),
         ("serve.block=maybe", "serve.block=maybe"),
         ("serve.batching.max_batch_size=100", "serve.deployment.max_ongoing_requests=64"),
+        ("serve.accelerator.threads=-1", "serve.accelerator.threads=-1"),
         ("serve.versions=[{ref: v1, role: stable, weight: 90}]", "serve.versions=90"),
         ("serve.shadows=[{ref: v2, mirror: 1.5}]", "serve.shadows[0].mirror=1.5"),
     ],

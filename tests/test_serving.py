@@ -112,27 +112,75 @@ def test_request_id_is_echoed(served) -> None:
     assert r.json()["request_id"] == "abc-123" and r.headers["x-request-id"] == "abc-123"
 
 
-def test_structured_request_logs(served) -> None:
-    """One JSON line per request in the Ray logs' serve/requests_Ingress_<pid>.jsonl."""
+def _request_log(ids: set[str], timeout: float = 10) -> dict[str, dict]:
+    """The structured lines of these request ids, from the Ray logs' serve/requests_Ingress_<pid>.jsonl."""
     import glob
 
     import ray
 
-    ok = _post(data=_jpeg(), headers={"content-type": "image/jpeg", "x-request-id": "log-ok"})
-    bad = _post(data=b"hello", headers={"content-type": "image/jpeg", "x-request-id": "log-bad"})
-    assert ok.status_code == 200 and bad.status_code == 400
     logs = ray._private.worker.global_worker.node.get_logs_dir_path()
-    deadline, found = time.time() + 10, {}
-    while time.time() < deadline and len(found) < 2:
+    deadline, found = time.time() + timeout, {}
+    while time.time() < deadline and len(found) < len(ids):
         for path in glob.glob(f"{logs}/serve/requests_Ingress_*.jsonl"):
             for line in Path(path).read_text().splitlines():
                 rec = json.loads(line)  # every line is one JSON object
-                if rec.get("request_id") in ("log-ok", "log-bad"):
+                if rec.get("event") == "request" and rec.get("request_id") in ids:
                     found[rec["request_id"]] = rec
         time.sleep(0.2)
+    return found
+
+
+def test_structured_request_logs(served) -> None:
+    ok = _post(data=_jpeg(), headers={"content-type": "image/jpeg", "x-request-id": "log-ok"})
+    bad = _post(data=b"hello", headers={"content-type": "image/jpeg", "x-request-id": "log-bad"})
+    assert ok.status_code == 200 and bad.status_code == 400
+    found = _request_log({"log-ok", "log-bad"})
     assert found["log-ok"]["status"] == 200 and found["log-ok"]["version"] == ok.json()["version"]
     assert found["log-bad"]["status"] == 400 and found["log-ok"]["route"] == "predict"
+    assert found["log-ok"]["batch_size"] >= 1 and "batch_size" not in found["log-bad"]
     assert all(rec["latency_ms"] > 0 for rec in found.values())
+
+
+def _model_replicas() -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if "model-v" in a["name"] or "Ingress" in a["name"]}
+
+
+def test_batches_form_under_load_and_resize_live(served) -> None:
+    """Concurrent single-image requests share forward passes of at most max_batch_size; a new
+    size in YAML applies to the running replicas (user_config), restarting none."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlplatform.deployments.serve_mode import deploy
+
+    base = [*_traffic(100, 0, shadow="v3"), "serve.chaos_fail_versions=[v3]"]
+    img = _jpeg()
+
+    def burst(tag: str) -> dict[str, dict]:
+        ids = {f"{tag}-{i}" for i in range(48)}
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda rid: _post(data=img, headers={"content-type": "image/jpeg",
+                                                                        "x-request-id": rid}).status_code, ids))
+        assert codes == [200] * len(ids)
+        found = _request_log(ids)
+        assert set(found) == ids
+        return found
+
+    try:
+        deploy(compose(*_serve_overrides(served["root"], *base, "serve.batching.max_batch_size=4",
+                                         "serve.batching.batch_wait_timeout_s=0.05")))
+        before = _model_replicas()
+        sizes = Counter(rec["batch_size"] for rec in burst("b4").values())
+        assert set(sizes) <= {1, 2, 3, 4} and max(sizes) > 1, sizes
+        deploy(compose(*_serve_overrides(served["root"], *base, "serve.batching.max_batch_size=1",
+                                         "serve.batching.batch_wait_timeout_s=0.05")))
+        assert {rec["batch_size"] for rec in burst("b1").values()} == {1}
+        assert _model_replicas() == before
+    finally:
+        deploy(compose(*_serve_overrides(served["root"], *_traffic(80, 20, shadow="v3"),
+                                         "serve.chaos_fail_versions=[v3]")))
 
 
 @pytest.mark.parametrize(
@@ -216,15 +264,9 @@ def test_sticky_routing_pins_a_key_to_one_version(served) -> None:
 
 
 def test_weight_change_in_place_drops_no_request(served) -> None:
-    import ray
-
     from mlplatform.deployments.serve_mode import deploy
 
-    def replicas() -> set[str]:
-        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if "model-v" in a["name"] or "Ingress" in a["name"]}
-
-    before = replicas()
+    before = _model_replicas()
     img, stop, results = _jpeg(), threading.Event(), []
 
     def load() -> None:
@@ -249,7 +291,7 @@ def test_weight_change_in_place_drops_no_request(served) -> None:
     assert any(ts < changed_at for ts, _, _ in results) and any(ts > applied_at for ts, _, _ in results)
     late = [v for ts, _, v in results if ts > applied_at + 1]
     assert late and set(late) == {"v1"}  # the new weights hold
-    assert replicas() == before  # no model or ingress replica restarted: the change was in place
+    assert _model_replicas() == before  # no model or ingress replica restarted: the change was in place
     deploy(compose(*_serve_overrides(served["root"], *_traffic(80, 20, shadow="v3"),
                                      "serve.chaos_fail_versions=[v3]")))
 
@@ -463,3 +505,59 @@ def test_cli_serve_stops_on_sigint_and_leaves_no_process(served) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_version_batcher_splits_drops_and_fails_whole_batches(ray_cluster) -> None:
+    """The ingress's batcher against a real Serve deployment: answers go back to the right
+    request, a call never passes the gRPC byte limit, a request that gave up is not sent,
+    and a failed call fails each request of its batch."""
+    import asyncio
+
+    from ray import serve
+
+    from mlplatform.deployments.app import VersionBatcher
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+    class Echo:
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        async def predict(self, call: tuple) -> dict:
+            images, ks, submitted = call
+            if (images == 255).all():
+                raise ValueError("refused by the model")
+            self.calls.append(len(ks))
+            ids = [int(x) for x in images[:, 0, 0, 0]]
+            return {"labels": [[str(i)] for i in ids], "scores": [[1.0]] * len(ids),
+                    "probabilities": images[:, 0, 0, :].astype(np.float32),
+                    "embedding": images[:, 0, :, 0].astype(np.float32), "batch_sizes": [len(ids)] * len(ids)}
+
+        def sizes(self) -> list[int]:
+            return self.calls
+
+    serve.run(Echo.bind(), name="batcher-test", route_prefix=None)
+    handle = serve.get_deployment_handle("Echo", "batcher-test")
+
+    def img(i: int) -> np.ndarray:
+        return np.full((8, 8, 3), i, np.uint8)
+
+    async def main() -> None:
+        batcher = VersionBatcher(handle, max_batch_size=4, batch_wait_timeout_s=0.05)
+        batcher.MAX_CALL_BYTES = 3 * img(0).nbytes  # as gRPC's limit would: at most 3 per call
+        answers = await asyncio.gather(*(batcher.submit(img(i), 1) for i in range(7)))
+        assert [a["labels"] for a in answers] == [[str(i)] for i in range(7)]
+        assert [a["batch_size"] for a in answers] == [3, 3, 3, 3, 3, 3, 1]
+        gone = batcher.submit(img(100), 1)
+        gone.cancel()  # the request timed out while it waited
+        assert (await batcher.submit(img(101), 1))["labels"] == ["101"]
+        for outcome in await asyncio.gather(*(batcher.submit(img(255), 1) for _ in range(2)),
+                                            return_exceptions=True):
+            assert isinstance(outcome, Exception) and "refused by the model" in str(outcome)
+        batcher.configure(1, 0.0)  # batching off, live
+        assert len(await asyncio.gather(*(batcher.submit(img(i), 1) for i in range(3)))) == 3
+        assert Counter(await handle.sizes.remote()) == Counter([3, 3, 1, 1, 1, 1, 1])
+
+    try:
+        asyncio.run(main())
+    finally:
+        serve.delete("batcher-test")

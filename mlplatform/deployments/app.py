@@ -48,7 +48,7 @@ class ServeSettings(BaseModel):
     top_k: int = 5
     batching: dict[str, Any] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
     accelerator: dict[str, Any] = {"device": "auto", "half": False, "channels_last": True, "compile": False,
-                                   "fuse": True}
+                                   "fuse": True, "threads": 0}
     inputs: dict[str, Any] = {}
     ingress_replicas: int = 1
     ingress_cpus: float = 0.25
@@ -83,7 +83,11 @@ def _json_logs(deployment: str) -> None:
 
 @serve.deployment
 class ModelServer:
-    """One registered version: loaded once, warmed up, batched with @serve.batch."""
+    """One registered version: loaded once, warmed up, batched with @serve.batch.
+
+    Each call is already a batch, formed by the ingress's `VersionBatcher`. `@serve.batch`
+    (no wait) merges the calls queued here, from every ingress replica and the shadow
+    mirror, into one batch, run in forward passes of at most `max_batch_size` images."""
 
     def __init__(self, registry_root: str, registry_model: str, version: str,
                  accelerator: dict[str, Any]) -> None:
@@ -92,6 +96,7 @@ class ModelServer:
         self.model = ExtendedModel(registry_root, registry_model, version, **accelerator)
         self.version = self.model.version
         self.fail = False
+        self.max_batch_size = 16
         self.model.warmup()
         self.batch_sizes = Histogram("mlp_batch_size", description="Images per batched forward pass",
                                      boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("version",))
@@ -102,34 +107,127 @@ class ModelServer:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Live batch settings and drills, applied without restarting the replica."""
-        self.predict.set_max_batch_size(int(config["max_batch_size"]))
-        self.predict.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        self.max_batch_size = int(config["max_batch_size"])
+        self.predict.set_max_batch_size(self.max_batch_size)  # calls merged: each holds >= 1 image
         self.fail = bool(config.get("chaos_fail", False))
 
     def info(self) -> dict[str, Any]:
         return {"version": self.version, "labels": self.model.labels, "preprocess": self.model.spec.to_dict(),
                 "num_classes": self.model.num_classes}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict(self, items: list[tuple[np.ndarray, int, float]]) -> list[dict[str, Any]]:
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def predict(self, calls: list[tuple[np.ndarray, list[int], list[float]]]) -> list[dict[str, Any]]:
+        """calls: (images uint8 (n, H, W, 3) resized with this version's spec, top_k per image,
+        the wall-clock time each image was submitted at the ingress)."""
         if self.fail:
             raise RuntimeError(f"chaos: {self.version} is configured to fail (serve.chaos_fail_versions)")
-        t0 = time.perf_counter()
-        preds = self.model.predict_arrays(np.stack([it[0] for it in items]), [int(it[1]) for it in items])
+        t0 = time.time()
+        images = calls[0][0] if len(calls) == 1 else np.concatenate([c[0] for c in calls])
+        ks = [int(k) for c in calls for k in c[1]]
+        b = self.model.infer(images, ks, self.max_batch_size)
         tags = {"version": self.version}
-        self.batch_sizes.observe(len(items), tags=tags)
-        self.infer_latency.observe(time.perf_counter() - t0, tags={**tags, "stage": "inference"})
-        out = []
-        for it, p in zip(items, preds, strict=True):
-            self.infer_latency.observe(max(0.0, t0 - it[2]), tags={**tags, "stage": "queue"})
-            self.species.inc(tags={**tags, "species": p.labels[0]})
-            out.append({"labels": p.labels, "scores": p.scores, "probabilities": p.probabilities,
-                        "embedding": p.embedding, "batch_size": len(items)})
+        n = len(ks)
+        for i in range(0, n, self.max_batch_size):
+            self.batch_sizes.observe(min(self.max_batch_size, n - i), tags=tags)
+        self.infer_latency.observe(time.time() - t0, tags={**tags, "stage": "inference"})
+        queue_tags = {**tags, "stage": "queue"}
+        for c in calls:
+            for submitted in c[2]:
+                self.infer_latency.observe(max(0.0, t0 - submitted), tags=queue_tags)
+        for top in b.labels:
+            self.species.inc(tags={**tags, "species": top[0]})
+        step = self.max_batch_size  # image j ran in forward pass j // step
+        sizes = [min(step, n - (j // step) * step) for j in range(n)]
+        out, start = [], 0
+        for c in calls:
+            end = start + len(c[1])
+            out.append({"labels": b.labels[start:end], "scores": b.scores[start:end],
+                        "probabilities": b.probabilities[start:end], "embedding": b.embedding[start:end],
+                        "batch_sizes": sizes[start:end]})
+            start = end
         return out
 
     async def check_health(self) -> None:
         """Healthy means it can still predict, not just that the process is alive."""
         self.model.warmup()
+
+
+class VersionBatcher:
+    """The dynamic batcher for one served version, inside an ingress replica (where KServe
+    puts its batcher: in front of the model server). Single-image requests wait here up to
+    `batch_wait_timeout_s` for up to `max_batch_size` images, then go to the version's
+    deployment as one handle call: one gRPC hop and one replica request per batch instead of
+    per image, which on 2 CPU cores was most of Serve's cost per image. Batches are sent
+    without waiting for earlier ones, so Serve's max_ongoing_requests and max_queued_requests
+    on the model deployment (counting batches) still apply backpressure."""
+
+    # Serve's gRPC between replicas refuses messages over this (4 MiB unless the cluster sets
+    # it): a call carries at most 90% of it in images (32 images of 224 px are 4.8 MB).
+    MAX_CALL_BYTES = int(0.9 * int(os.environ.get("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", 4 << 20)))
+
+    def __init__(self, handle: DeploymentHandle, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.handle = handle
+        self.max_batch_size = max_batch_size
+        self.wait_s = batch_wait_timeout_s
+        self.pending: list[tuple[np.ndarray, int, float, asyncio.Future]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.max_batch_size, self.wait_s = max(1, int(max_batch_size)), max(0.0, float(batch_wait_timeout_s))
+        if self.pending and len(self.pending) >= self._call_size():
+            self._flush()
+
+    def _call_size(self) -> int:
+        """Images per handle call: the batch size, or fewer where they would pass gRPC's limit."""
+        return min(self.max_batch_size, max(1, self.MAX_CALL_BYTES // max(1, self.pending[0][0].nbytes)))
+
+    def submit(self, image: np.ndarray, top_k: int) -> asyncio.Future:
+        """The caller awaits the future (with its own timeout: a cancelled future is dropped)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.pending.append((image, top_k, time.time(), fut))
+        if len(self.pending) >= self._call_size():
+            self._flush()
+        elif self.timer is None:
+            self.timer = loop.call_later(self.wait_s, self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.pending:
+            size = self._call_size()
+            batch, self.pending = self.pending[:size], self.pending[size:]
+            batch = [item for item in batch if not item[3].done()]  # timed out while waiting
+            if batch:
+                task = asyncio.get_running_loop().create_task(self._send(batch))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            if not self.pending or len(self.pending) < self._call_size():
+                break
+        if self.pending:
+            self.timer = asyncio.get_running_loop().call_later(self.wait_s, self._flush)
+
+    async def _send(self, batch: list[tuple[np.ndarray, int, float, asyncio.Future]]) -> None:
+        try:
+            out = await self.handle.predict.remote((np.stack([b[0] for b in batch]), [b[1] for b in batch],
+                                                    [b[2] for b in batch]))
+        except Exception as exc:  # overload, a failed replica: every request of the batch gets it
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        except asyncio.CancelledError:  # the replica is shutting down
+            for *_, fut in batch:
+                fut.cancel()
+            raise
+        for i, (*_, fut) in enumerate(batch):
+            if not fut.done():
+                fut.set_result({"labels": out["labels"][i], "scores": out["scores"][i],
+                                "probabilities": out["probabilities"][i], "embedding": out["embedding"][i],
+                                "batch_size": out["batch_sizes"][i]})
 
 
 # ----------------------------------------------------------------------------- the ingress
@@ -186,6 +284,9 @@ class Ingress:
         # weight change never changes these init arguments and never restarts this replica.
         self.policy = TrafficPolicy.from_config({"routes": [{"version": v, "role": "stable", "weight": 100}
                                                             for v in list(models)[:1]]})
+        batching = self.s.batching
+        self.batchers = {v: VersionBatcher(h, int(batching["max_batch_size"]), float(batching["batch_wait_timeout_s"]))
+                         for v, h in models.items()}
         self._background: set[asyncio.Task] = set()
         self.requests = Counter("mlp_requests_total", description="Requests by version, route and status",
                                 tag_keys=("version", "route", "status"))
@@ -214,6 +315,10 @@ class Ingress:
         self.s.request_timeout_s = float(config.get("request_timeout_s", self.s.request_timeout_s))
         self.s.top_k = int(config.get("top_k", self.s.top_k))
         self.s.sticky_header = config.get("sticky_header")
+        if config.get("batching"):
+            self.s.batching = config["batching"]
+            for batcher in self.batchers.values():
+                batcher.configure(config["batching"]["max_batch_size"], config["batching"]["batch_wait_timeout_s"])
         log.info(json.dumps({"event": "traffic_reconfigured", "routes": config["routes"],
                              "shadows": config.get("shadows", [])}))
 
@@ -223,9 +328,8 @@ class Ingress:
         spec, _ = await self._meta(version)
         arr = to_uint8(image.image, spec)
         try:
-            return await asyncio.wait_for(
-                self.models[version].predict.remote((arr, top_k, time.perf_counter())),
-                timeout=self.s.request_timeout_s)
+            return await asyncio.wait_for(self.batchers[version].submit(arr, top_k),
+                                          timeout=self.s.request_timeout_s)
         except TimeoutError:
             raise ApiError(504, "timeout", f"no answer from {version} within "
                            f"{self.s.request_timeout_s:g} s (serve.request_timeout_s)") from None
@@ -309,12 +413,17 @@ class Ingress:
             raise ApiError(422, "bad_top_k", f"top_k={k} must be between 1 and {n}")
         return k
 
-    def _finish(self, request_id: str, version: str, route: str, status: int, started: float) -> None:
+    def _finish(self, request: Request, request_id: str, version: str, route: str, status: int,
+                started: float) -> None:
         latency = time.perf_counter() - started
         self.requests.inc(tags={"version": version, "route": route, "status": str(status)})
         self.latency.observe(latency, tags={"stage": "total"})
-        log.info(json.dumps({"event": "request", "request_id": request_id, "route": route, "version": version,
-                             "status": status, "latency_ms": round(latency * 1000, 2)}))
+        line = {"event": "request", "request_id": request_id, "route": route, "version": version,
+                "status": status, "latency_ms": round(latency * 1000, 2)}
+        batch_size = getattr(request.state, "batch_size", None)
+        if batch_size is not None:  # images in the forward pass that answered (the largest, for several)
+            line["batch_size"] = batch_size
+        log.info(json.dumps(line))
 
     async def _guard(self, request: Request, route: str, handler) -> Response:
         """Every failure becomes the contract's JSON error; nothing escapes as a bare 500."""
@@ -323,7 +432,7 @@ class Ingress:
         version = "-"
         try:
             response, version = await handler(request_id)
-            self._finish(request_id, version, route, response.status_code, started)
+            self._finish(request, request_id, version, route, response.status_code, started)
             return response
         except I.InputError as exc:
             status, code, message, headers = exc.status, exc.code, exc.message, {}
@@ -338,7 +447,7 @@ class Ingress:
         version = getattr(request.state, "version", version)
         if status >= 500 and version != "-":
             self._capture_failure(request_id, version, route, status, started)
-        self._finish(request_id, version, route, status, started)
+        self._finish(request, request_id, version, route, status, started)
         return _error(status, code, message, request_id, headers)
 
     # ------------------------------------------------------------------ capture and feedback
@@ -466,6 +575,7 @@ class Ingress:
             await self._meta(version)
             top_k = self._top_k(request.query_params.get("top_k", top_k_body), version)
             res = await self._infer(version, image, top_k)
+            request.state.batch_size = res["batch_size"]
             self._capture(request_id, version, self._role(version), "predict", image, res, started, data)
             self._mirror(image, res, request_id)
             body = {"request_id": request_id, "model": self.s.model_name, "version": version,
@@ -548,6 +658,7 @@ class Ingress:
             started = time.perf_counter()
             images = [I.decode_image(data, self.limits) for data in req.images]
             results = await asyncio.gather(*(self._infer(version, img, 1) for img in images))
+            request.state.batch_size = max(r["batch_size"] for r in results)
             role = "pinned" if pinned else self._role(version)
             for i, (img, res, data) in enumerate(zip(images, results, req.images, strict=True)):
                 self._capture(request_id if len(images) == 1 else f"{request_id}-{i}", version, role, "infer",
@@ -600,13 +711,18 @@ def traffic_config(s: dict[str, Any]) -> dict[str, Any]:
                         "weight": v.get("weight", 100 if i == 0 else 0)} for i, v in enumerate(versions)],
             "shadows": [{"version": v["version"], "mirror": v.get("mirror", 0.0)} for v in s["shadows"]],
             "sticky_header": s.get("sticky_header"), "request_timeout_s": s.get("request_timeout_s", 10.0),
-            "top_k": s.get("top_k", 5)}
+            "top_k": s.get("top_k", 5), "batching": _batching(s)}
+
+
+def _batching(s: dict[str, Any]) -> dict[str, Any]:
+    return dict(s.get("batching") or {"max_batch_size": 16, "batch_wait_timeout_s": 0.01})
 
 
 def model_user_config(s: dict[str, Any], version: str) -> dict[str, Any]:
-    """A model deployment's user_config: live batch settings and the failure drill."""
-    batching = s.get("batching") or {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
-    return {**batching, "chaos_fail": version in (s.get("chaos_fail_versions") or [])}
+    """A model deployment's user_config: the live forward-pass size and the failure drill
+    (the wait belongs to the ingress's batcher)."""
+    return {"max_batch_size": _batching(s)["max_batch_size"],
+            "chaos_fail": version in (s.get("chaos_fail_versions") or [])}
 
 
 class AppArgs(BaseModel):
@@ -632,7 +748,7 @@ def build_app(args: AppArgs) -> serve.Application:
         from mlplatform.monitoring.monitor import DriftMonitor
 
         monitor = DriftMonitor.options(ray_actor_options={"num_cpus": float(s.monitor.get("num_cpus", 0.25))}
-                                       ).bind(s.monitor)
+                                       ).bind({**s.monitor, "versions": list(handles)})
     static = s.model_dump(exclude={"versions", "shadows", "sticky_header", "request_timeout_s", "top_k"})
     return Ingress.options(
         num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": s.ingress_cpus},

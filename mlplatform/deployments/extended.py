@@ -52,14 +52,26 @@ class Prediction:
     embedding: np.ndarray  # (D,) float32
 
 
+@dataclass
+class BatchPrediction:
+    """A batch's answers as arrays: cheap to send between processes (one buffer each)."""
+
+    labels: list[list[str]]  # top-k per image, best first
+    scores: list[list[float]]
+    probabilities: np.ndarray  # (N, C) float32
+    embedding: np.ndarray  # (N, D) float32
+
+
 class ExtendedModel:
     """A registry version, loaded once (checksum verified), ready for batched prediction."""
 
     def __init__(self, registry_root: str, model_name: str, version: str, device: str = "auto",
                  half: bool = False, channels_last: bool = True, compile: bool = False,
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, threads: int = 0) -> None:
         from mlplatform.models.load import load_model
 
+        if threads > 0:  # intra-op threads of this process (Ray's default: one per CPU reserved)
+            torch.set_num_threads(int(threads))
         reg = Registry(registry_root, model_name)
         model, spec, meta = load_model(reg, version)  # raises ChecksumError on tampered weights
         self.version: str = meta["version"]
@@ -104,17 +116,26 @@ class ExtendedModel:
 
     def predict_arrays(self, batch_uint8: np.ndarray, top_k: int | list[int] = 5) -> list[Prediction]:
         """The forward pass and post-processing for images already resized with this spec."""
-        probs, emb = self.forward(self.to_tensor(batch_uint8))
-        ks = top_k if isinstance(top_k, list) else [top_k] * len(probs)
+        b = self.infer(batch_uint8, top_k)
+        return [Prediction(labels=b.labels[i], scores=b.scores[i], probabilities=b.probabilities[i],
+                           embedding=b.embedding[i]) for i in range(len(b.labels))]
+
+    def infer(self, batch_uint8: np.ndarray, top_k: int | list[int] = 5,
+              max_batch_size: int | None = None) -> BatchPrediction:
+        """Forward passes of at most `max_batch_size` images (a memory bound, on GPU above
+        all) over images already resized with this spec, then top-k per image."""
+        n = len(batch_uint8)
+        step = max(1, max_batch_size or n)
+        parts = [self.forward(self.to_tensor(batch_uint8[i:i + step])) for i in range(0, n, step)]
+        probs = parts[0][0] if len(parts) == 1 else np.concatenate([p for p, _ in parts])
+        emb = parts[0][1] if len(parts) == 1 else np.concatenate([e for _, e in parts])
+        ks = top_k if isinstance(top_k, list) else [top_k] * n
         kmax = min(max(ks), self.num_classes)
         idx, scores = M.top_k_from_probs(probs, kmax)
-        out = []
-        for i, k in enumerate(ks):
-            k = min(k, self.num_classes)
-            out.append(Prediction(labels=[self.labels[j] for j in idx[i, :k]],
-                                  scores=[float(s) for s in scores[i, :k]],
-                                  probabilities=probs[i], embedding=emb[i]))
-        return out
+        ks = [min(k, self.num_classes) for k in ks]
+        return BatchPrediction(labels=[[self.labels[j] for j in idx[i, :k]] for i, k in enumerate(ks)],
+                               scores=[scores[i, :k].tolist() for i, k in enumerate(ks)],
+                               probabilities=probs, embedding=emb)
 
     def warmup(self) -> dict[str, Any]:
         """A real prediction on a synthetic image: proves the replica can still predict."""

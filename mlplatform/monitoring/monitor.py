@@ -392,6 +392,10 @@ def _deployment():
             return n
 
         def _loop(self) -> None:
+            # Load the detectors (alibi-detect's import, each version's reference fit) now,
+            # while the deployment starts, not under the first traffic.
+            for version in self.s.get("versions") or []:
+                self.monitor._monitor(version)  # a failure is logged and reported by status()
             while not self._stop.wait(float(self.s["interval_s"])):
                 try:
                     self.poll()
