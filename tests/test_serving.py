@@ -526,6 +526,8 @@ def test_version_batcher_splits_drops_and_fails_whole_batches(ray_cluster) -> No
             images, ks, submitted = call
             if (images == 255).all():
                 raise ValueError("refused by the model")
+            if (images == 200).all():
+                await asyncio.sleep(0.5)  # a slow batch: later requests wait for company
             self.calls.append(len(ks))
             ids = [int(x) for x in images[:, 0, 0, 0]]
             return {"labels": [[str(i)] for i in ids], "scores": [[1.0]] * len(ids),
@@ -544,18 +546,22 @@ def test_version_batcher_splits_drops_and_fails_whole_batches(ray_cluster) -> No
     async def main() -> None:
         batcher = VersionBatcher(handle, max_batch_size=4, batch_wait_timeout_s=0.05)
         batcher.MAX_CALL_BYTES = 3 * img(0).nbytes  # as gRPC's limit would: at most 3 per call
+        # The first goes at once (nothing in flight); the rest form calls of 3, not 4.
         answers = await asyncio.gather(*(batcher.submit(img(i), 1) for i in range(7)))
         assert [a["labels"] for a in answers] == [[str(i)] for i in range(7)]
-        assert [a["batch_size"] for a in answers] == [3, 3, 3, 3, 3, 3, 1]
+        assert [a["batch_size"] for a in answers] == [1, 3, 3, 3, 3, 3, 3]
+        slow = batcher.submit(img(200), 1)  # in flight for 0.5 s: what follows waits
         gone = batcher.submit(img(100), 1)
-        gone.cancel()  # the request timed out while it waited
+        gone.cancel()  # the request timed out while it waited: never sent
         assert (await batcher.submit(img(101), 1))["labels"] == ["101"]
+        assert (await slow)["labels"] == ["200"]
         for outcome in await asyncio.gather(*(batcher.submit(img(255), 1) for _ in range(2)),
                                             return_exceptions=True):
             assert isinstance(outcome, Exception) and "refused by the model" in str(outcome)
         batcher.configure(1, 0.0)  # batching off, live
         assert len(await asyncio.gather(*(batcher.submit(img(i), 1) for i in range(3)))) == 3
-        assert Counter(await handle.sizes.remote()) == Counter([3, 3, 1, 1, 1, 1, 1])
+        assert Counter(await handle.sizes.remote()) == Counter([1, 3, 3, 1, 1, 1, 1, 1])
+        assert batcher.inflight == 0 and not batcher.pending
 
     try:
         asyncio.run(main())
