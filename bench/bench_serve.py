@@ -78,10 +78,38 @@ async def _load(url: str, body: bytes, concurrency: int, seconds: float) -> dict
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
-    return {"images_per_s": round(len(latencies) / wall, 1), "errors": errors,
+    return {"images_per_s": round(len(latencies) / wall, 1), "images": len(latencies), "errors": errors,
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None}
+
+
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process on this machine, by pid (Linux /proc; {} elsewhere)."""
+    out: dict[int, tuple[str, float]] = {}
+    if not os.path.isdir("/proc"):
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        out[int(pid)] = (cmd, (int(stat[11]) + int(stat[12])) / tick)
+    return out
+
+
+def _cpu_per_image(before: dict, after: dict, images: int) -> dict[str, float]:
+    """Where the CPU went during one load point: ms of CPU per answered image, by role."""
+    roles = (("Ingress", "ingress"), ("model-v", "model replica"), ("DriftMonitor", "drift monitor"),
+             ("haproxy", "HAProxy"), ("bench_serve", "load generator"))
+    out: dict[str, float] = {}
+    for pid, (cmd, cpu) in after.items():
+        used = cpu - before.get(pid, (cmd, 0.0))[1]
+        role = next((name for key, name in roles if key in cmd), "rest of Ray and the machine")
+        out[role] = out.get(role, 0.0) + used
+    return {k: round(1000 * v / max(images, 1), 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def _naive_server(registry_root: str, model_name: str, version: str, port: int) -> None:
@@ -207,8 +235,13 @@ def main() -> None:
                         "serve.ingress_cpus=0.5"])
             deploy(cfg)
             asyncio.run(_load("http://127.0.0.1:8791/predict", body, 4, 1.0))  # warm up
-            results[key] = {c: asyncio.run(_load("http://127.0.0.1:8791/predict", body, c, args.seconds))
-                            for c in CONCURRENCY}
+            results[key] = {}
+            for c in CONCURRENCY:
+                before = _cpu_seconds()
+                results[key][c] = asyncio.run(_load("http://127.0.0.1:8791/predict", body, c, args.seconds))
+                if c == 32 and before:
+                    results[key][c]["cpu_ms_per_image"] = _cpu_per_image(before, _cpu_seconds(),
+                                                                         results[key][c]["images"])
         serve.shutdown()
         ray.shutdown()
         _start_ray(high_throughput=True)  # (g) in the default mode, on a fresh Ray
@@ -229,6 +262,8 @@ def main() -> None:
         for c, r in results[key].items():
             print(f"{key:<28}{c:>6}{r['images_per_s']:>10}{str(r['p50_ms']):>10}{str(r['p95_ms']):>10}"
                   f"{str(r['p99_ms']):>10}{r['errors']:>8}")
+    if "cpu_ms_per_image" in results["d_batching_on"][32]:
+        print("(d) at concurrency 32, ms of CPU per image:", results["d_batching_on"][32]["cpu_ms_per_image"])
     on32, naive32 = results["d_batching_on"][32]["images_per_s"], results["b_naive"][32]["images_per_s"]
     summary = {"batching_on_vs_naive_at_32": round(on32 / naive32, 2) if naive32 else None,
                "batching_on_vs_limit_at_32": round(on32 / limit, 2) if limit else None,
