@@ -126,9 +126,8 @@ class ModelServer:
         ks = [int(k) for c in calls for k in c[1]]
         b = self.model.infer(images, ks, self.max_batch_size)
         tags = {"version": self.version}
-        n = len(ks)
-        for i in range(0, n, self.max_batch_size):
-            self.batch_sizes.observe(min(self.max_batch_size, n - i), tags=tags)
+        for size in b.passes:
+            self.batch_sizes.observe(size, tags=tags)
         self.infer_latency.observe(time.time() - t0, tags={**tags, "stage": "inference"})
         queue_tags = {**tags, "stage": "queue"}
         for c in calls:
@@ -136,8 +135,7 @@ class ModelServer:
                 self.infer_latency.observe(max(0.0, t0 - submitted), tags=queue_tags)
         for top in b.labels:
             self.species.inc(tags={**tags, "species": top[0]})
-        step = self.max_batch_size  # image j ran in forward pass j // step
-        sizes = [min(step, n - (j // step) * step) for j in range(n)]
+        sizes = b.pass_sizes()
         out, start = [], 0
         for c in calls:
             end = start + len(c[1])
@@ -322,7 +320,6 @@ class Ingress:
         self.s.top_k = int(config.get("top_k", self.s.top_k))
         self.s.sticky_header = config.get("sticky_header")
         if config.get("batching"):
-            self.s.batching = config["batching"]
             for batcher in self.batchers.values():
                 batcher.configure(config["batching"]["max_batch_size"], config["batching"]["batch_wait_timeout_s"])
         log.info(json.dumps({"event": "traffic_reconfigured", "routes": config["routes"],

@@ -60,6 +60,11 @@ class BatchPrediction:
     scores: list[list[float]]
     probabilities: np.ndarray  # (N, C) float32
     embedding: np.ndarray  # (N, D) float32
+    passes: list[int]  # images per forward pass, in order
+
+    def pass_sizes(self) -> list[int]:
+        """For each image, the size of the forward pass it ran in."""
+        return [size for size in self.passes for _ in range(size)]
 
 
 class ExtendedModel:
@@ -135,7 +140,7 @@ class ExtendedModel:
         ks = [min(k, self.num_classes) for k in ks]
         return BatchPrediction(labels=[[self.labels[j] for j in idx[i, :k]] for i, k in enumerate(ks)],
                                scores=[scores[i, :k].tolist() for i, k in enumerate(ks)],
-                               probabilities=probs, embedding=emb)
+                               probabilities=probs, embedding=emb, passes=[len(p) for p, _ in parts])
 
     def warmup(self) -> dict[str, Any]:
         """A real prediction on a synthetic image: proves the replica can still predict."""
