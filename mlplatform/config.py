@@ -275,6 +275,9 @@ class ServeAcceleratorConf:
     fuse: bool = True
     # CPU threads per model replica's forward pass; 0: Ray's default (one per num_cpus).
     threads: int = 0
+    # CPU, fp32: time PyTorch's and oneDNN's 1x1 convolutions per layer and batch size when
+    # a replica loads, and run each batch on the faster (see extended.PointwiseConv).
+    autotune: bool = True
 
 
 @dataclass

@@ -239,3 +239,61 @@ def test_inference_optimizations_keep_the_answers(trained) -> None:
                                atol=1e-4)
     np.testing.assert_allclose(np.stack([p.embedding for p in p0]), np.stack([p.embedding for p in p1]),
                                rtol=1e-3, atol=1e-4)
+
+
+def _pointwise_net() -> torch.nn.Module:
+    """1x1 convolutions on a 28 px map (where oneDNN is often faster), a 3x3 one, and a 1x1
+    convolution off the forward path."""
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 24, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(24, 96, 1),
+                torch.nn.ReLU(), torch.nn.Conv2d(96, 24, 1, bias=False), torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Flatten())
+            self.unused = torch.nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    return Net().eval().to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.9, 1e9])
+def test_pointwise_tuning_changes_the_path_not_the_answers(margin: float) -> None:
+    """margin 0: oneDNN never counts as faster, nothing is switched; 1e9: always, every 1x1
+    convolution on the path runs on oneDNN at every batch size; 0.9: whatever this CPU says.
+    The outputs match the untouched network at every batch size, above the largest tried too."""
+    from mlplatform.deployments.extended import PointwiseConv, tune_pointwise_convs
+
+    torch.manual_seed(0)
+    ref = _pointwise_net()
+    net = _pointwise_net()
+    net.load_state_dict(ref.state_dict())
+    example = torch.rand(1, 3, 56, 56).contiguous(memory_format=torch.channels_last)
+    chosen = tune_pointwise_convs(net, example, batch_sizes=(1, 2, 4, 8), repeats=2, margin=margin)
+    switched = {n for n, m in net.named_modules() if isinstance(m, PointwiseConv)}
+    assert set(chosen) == switched <= {"body.2", "body.4"}  # never the 3x3 nor the one off the path
+    assert isinstance(net.unused, torch.nn.Conv2d) and isinstance(net.body[0], torch.nn.Conv2d)
+    if margin == 0.0:
+        assert chosen == {}
+    if margin == 1e9:
+        assert chosen == {"body.2": [1, 2, 4, 8], "body.4": [1, 2, 4, 8]}
+        assert all(net.body[2].onednn_at[1:]) and len(net.body[2].onednn_at) == 9
+        onednn = net.body[2]._onednn
+        net.body[2]._onednn = lambda x: calls.append(len(x)) or onednn(x)
+    calls: list[int] = []
+    with torch.inference_mode():
+        for n in (1, 3, 8, 13):
+            x = torch.rand(n, 3, 56, 56).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(net(x.contiguous()), ref(x.contiguous()), rtol=1e-4, atol=1e-5)
+    assert calls == ([1, 1, 3, 3, 8, 8, 13, 13] if margin == 1e9 else [])
+
+
+def test_pointwise_tuning_leaves_other_devices_and_dtypes_alone() -> None:
+    from mlplatform.deployments.extended import tune_pointwise_convs
+
+    net = _pointwise_net().double()
+    assert tune_pointwise_convs(net, torch.rand(1, 3, 56, 56, dtype=torch.float64), margin=1e9) == {}
+    assert isinstance(net.body[2], torch.nn.Conv2d)

@@ -48,7 +48,7 @@ class ServeSettings(BaseModel):
     top_k: int = 5
     batching: dict[str, Any] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
     accelerator: dict[str, Any] = {"device": "auto", "half": False, "channels_last": True, "compile": False,
-                                   "fuse": True, "threads": 0}
+                                   "fuse": True, "threads": 0, "autotune": True}
     inputs: dict[str, Any] = {}
     ingress_replicas: int = 1
     ingress_cpus: float = 0.25

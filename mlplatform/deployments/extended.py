@@ -9,6 +9,7 @@ embedding. Serving and offline prediction both call `predict`.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,109 @@ def fuse_for_inference(body: torch.nn.Module, version: str) -> torch.nn.Module:
         return body
 
 
+class PointwiseConv(torch.nn.Module):
+    """A 1x1 convolution that runs on oneDNN at the batch sizes where that was faster.
+
+    PyTorch sends a single-threaded CPU 1x1 convolution with fewer than 16 images to its
+    own GEMM path rather than oneDNN's. At 224 px with one thread that path is about 2x
+    slower than oneDNN for most of mobilenet_v3_small's layers at batches of 2 to 15, the
+    sizes a loaded replica forms; for small feature maps (64 px inputs) it is as fast or
+    faster. `tune_pointwise_convs` times both and sets `onednn_at`: for each batch size
+    up to the largest tried, whether to call oneDNN (larger batches follow the largest).
+    It is the same convolution either way, up to float rounding."""
+
+    def __init__(self, conv: torch.nn.Conv2d, onednn_at: list[bool]) -> None:
+        super().__init__()
+        self.conv = conv
+        self.onednn_at = onednn_at
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return torch.mkldnn_convolution(x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = self.onednn_at
+        if table[min(x.shape[0], len(table) - 1)] and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self._onednn(x)
+        return self.conv._conv_forward(x, self.conv.weight, self.conv.bias)
+
+
+def _is_pointwise(m: torch.nn.Module) -> bool:
+    return (type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1)
+            and m.dilation == (1, 1) and m.padding == (0, 0) and m.groups == 1
+            and m.padding_mode == "zeros")
+
+
+def tune_pointwise_convs(model: torch.nn.Module, example: torch.Tensor,
+                         batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16), repeats: int = 5,
+                         margin: float = 0.9) -> dict[str, list[int]]:
+    """Time PyTorch's path against oneDNN's for each 1x1 convolution of `model` (CPU,
+    float32) at each of `batch_sizes`, on the input shape that layer sees for `example`
+    (best of `repeats` calls each, like cuDNN's benchmark mode). oneDNN is taken where it
+    needs under `margin` of PyTorch's time; a batch of n images follows the result of the
+    largest size tried <= n. Layers where oneDNN never wins stay as they are, so nothing
+    is added to their calls. Takes well under a second for mobilenet_v3_small at 224 px;
+    without oneDNN, or off the CPU, it changes nothing.
+    Returns {layer: [batch sizes where oneDNN won]} for the layers it switched."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")):
+        return {}
+    if example.device.type != "cpu" or example.dtype != torch.float32:
+        return {}
+    found: dict[str, tuple[torch.nn.Module, str, torch.nn.Conv2d]] = {}
+    for name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if _is_pointwise(child):
+                found[f"{name}.{child_name}" if name else child_name] = (parent, child_name, child)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str):
+        def hook(module: torch.nn.Module, args: tuple) -> None:  # None: the inputs stay as they are
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+        return hook
+
+    hooks = [conv.register_forward_pre_hook(recorder(n)) for n, (_, _, conv) in found.items()]
+    try:
+        with torch.inference_mode():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def best_of(fn, x: torch.Tensor) -> float:
+        fn(x)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(x)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    channels_last = example.is_contiguous(memory_format=torch.channels_last)
+    sizes = sorted(batch_sizes)
+    chosen: dict[str, list[int]] = {}
+    with torch.inference_mode():
+        for name, (parent, child_name, conv) in found.items():
+            if name not in shapes:  # not on the path the example takes
+                continue
+            probe = PointwiseConv(conv, [False])
+            wins = []
+            for bs in sizes:
+                x = torch.rand((bs, *shapes[name]))
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if best_of(probe._onednn, x) < margin * best_of(conv, x):
+                    wins.append(bs)
+            if not wins:
+                continue
+            table = [False] * (sizes[-1] + 1)
+            for n in range(1, len(table)):
+                tried = [bs for bs in sizes if bs <= n] or sizes[:1]
+                table[n] = tried[-1] in wins
+            setattr(parent, child_name, PointwiseConv(conv, table))
+            chosen[name] = wins
+    return chosen
+
+
 @dataclass
 class Prediction:
     labels: list[str]
@@ -72,7 +176,7 @@ class ExtendedModel:
 
     def __init__(self, registry_root: str, model_name: str, version: str, device: str = "auto",
                  half: bool = False, channels_last: bool = True, compile: bool = False,
-                 fuse: bool = True, threads: int = 0) -> None:
+                 fuse: bool = True, threads: int = 0, autotune: bool = True) -> None:
         from mlplatform.models.load import load_model
 
         if threads > 0:  # intra-op threads of this process (Ray's default: one per CPU reserved)
@@ -93,6 +197,15 @@ class ExtendedModel:
             model = model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
         self.model = model
+        self.tuned: dict[str, list[int]] = {}
+        if autotune and self.device.type == "cpu" and self.dtype == torch.float32:
+            t0 = time.perf_counter()
+            example = torch.rand(1, 3, spec.image_size, spec.image_size)
+            if channels_last:
+                example = example.contiguous(memory_format=torch.channels_last)
+            self.tuned = tune_pointwise_convs(model.body, example)
+            log.info("%s: 1x1 convolutions on oneDNN at batch sizes %s (tuned in %.2f s)", self.version,
+                     self.tuned, time.perf_counter() - t0)
         # The replica calls embed() and head(), not forward(): compile embed itself (compiling
         # the module would only compile forward, which serving never calls).
         self._embed = torch.compile(model.embed) if compile else model.embed
