@@ -1,7 +1,8 @@
 """Serving throughput and latency: the raw model limit, a naive server, and the platform
 with batching off and on, at several client concurrencies, in one run.
 
-(a) limit: the extended model's forward pass at its best batch size, in-process;
+(a) limit: the extended model's forward pass at its best batch size, in-process, once the
+    machine is quiet after training, best of two sweeps;
 (b) naive: a one-request-at-a-time FastAPI + uvicorn server of the same model;
 (c) platform, batching off (max_batch_size=1); (d) platform, batching on; both with capture
 and drift monitoring on, as deployed; (e) batching on without capture and monitoring;
@@ -156,20 +157,43 @@ def _floor_app():
     return NoopIngress.bind()
 
 
+def _busy_fraction(seconds: float) -> float:
+    """How busy the machine's CPUs were over the next `seconds` (Linux /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def _wait_for_quiet(max_s: float = 30.0) -> None:
+    """Ray Train's workers wind down for a few seconds after training; the limit measured
+    meanwhile came out 25% low (batch 1: 5x low) at 224 px."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline and os.path.exists("/proc/stat") and _busy_fraction(1.0) > 0.1:
+        pass
+
+
 def _limit(registry_root: str, model_name: str, version: str, size: int) -> dict[str, float]:
     from mlplatform.deployments.extended import ExtendedModel
 
     model = ExtendedModel(registry_root, model_name, version)
     arr = np.stack([np.asarray(synthetic.render(3, i, size)) for i in range(64)])
-    best = {}
-    for bs in (1, 8, 32, 64):
-        x = model.to_tensor(arr[:bs])
-        model.forward(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 2.0:
+    _wait_for_quiet()
+    best: dict[int, float] = {}
+    for _ in range(2):  # best of two sweeps: the limit is a ceiling, noise only lowers it
+        for bs in (1, 8, 32, 64):
+            x = model.to_tensor(arr[:bs])
             model.forward(x)
-            n += bs
-        best[bs] = n / (time.perf_counter() - t0)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 1.5:
+                model.forward(x)
+                n += bs
+            best[bs] = max(best.get(bs, 0.0), n / (time.perf_counter() - t0))
     top = max(best, key=best.get)
     return {"images_per_s": round(best[top], 1), "best_batch_size": top,
             "by_batch_size": {k: round(v, 1) for k, v in best.items()}}
