@@ -297,3 +297,37 @@ def test_pointwise_tuning_leaves_other_devices_and_dtypes_alone() -> None:
     net = _pointwise_net().double()
     assert tune_pointwise_convs(net, torch.rand(1, 3, 56, 56, dtype=torch.float64), margin=1e9) == {}
     assert isinstance(net.body[2], torch.nn.Conv2d)
+
+
+def test_extended_model_tunes_a_torchvision_body_without_changing_answers(tmp_path, monkeypatch) -> None:
+    """A registered mobilenet_v3_small (random weights, registered directly): with tuning
+    forced to pick oneDNN everywhere, the fused fx body gets its 1x1 convolutions swapped
+    and the answers match the untuned model; with compile on, nothing is tuned."""
+    from functools import partial
+
+    from mlplatform.data import synthetic
+    from mlplatform.data.preprocess import PreprocessSpec
+    from mlplatform.deployments import extended
+    from mlplatform.models import torchvision_model
+
+    labels = [f"s{i}" for i in range(10)]
+    torch.manual_seed(0)
+    model = torchvision_model("mobilenet_v3_small", num_classes=len(labels))
+    spec = PreprocessSpec(96, 96, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", tuple(labels))
+    meta = {"labels": labels, "preprocess": spec.to_dict(),
+            "config": {"model": {"_target_": "mlplatform.models.torchvision_model", "name": "mobilenet_v3_small",
+                                 "weights_path": None}}}
+    version = Registry(str(tmp_path), "m").register(model.state_dict(), meta)
+    monkeypatch.setattr(extended, "tune_pointwise_convs", partial(extended.tune_pointwise_convs, margin=1e9))
+    plain = extended.ExtendedModel(str(tmp_path), "m", version, device="cpu", autotune=False)
+    tuned = extended.ExtendedModel(str(tmp_path), "m", version, device="cpu")
+    swapped = [m for m in tuned.model.modules() if isinstance(m, extended.PointwiseConv)]
+    assert plain.tuned == {} and len(tuned.tuned) == len(swapped) > 20
+    images = [synthetic.render(s, i, 96) for s in range(5) for i in range(3)]
+    for batch in (images[:1], images[:6], images):
+        p0, p1 = plain.predict(batch, 3), tuned.predict(batch, 3)
+        for key in ("probabilities", "embedding"):
+            np.testing.assert_allclose(np.stack([getattr(p, key) for p in p0]),
+                                       np.stack([getattr(p, key) for p in p1]), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # only the tuning decision is under test
+    assert extended.ExtendedModel(str(tmp_path), "m", version, device="cpu", compile=True).tuned == {}

@@ -198,7 +198,9 @@ class ExtendedModel:
         self.channels_last = channels_last
         self.model = model
         self.tuned: dict[str, list[int]] = {}
-        if autotune and self.device.type == "cpu" and self.dtype == torch.float32:
+        # Not under torch.compile: Inductor chooses its own kernels, and a per-batch-size
+        # branch would make it specialise on every size.
+        if autotune and not compile and self.device.type == "cpu" and self.dtype == torch.float32:
             t0 = time.perf_counter()
             example = torch.rand(1, 3, spec.image_size, spec.image_size)
             if channels_last:
