@@ -140,7 +140,10 @@ def test_in_distribution_stays_quiet_and_drift_alerts(monitored) -> None:
     assert alerts and {a["detector"] for a in alerts} & {"mmd", "ks"}, st["alerts"]
     assert alerts[0]["window"] <= start + n_windows + MIN_CONSECUTIVE  # within min_consecutive windows
     logged = read_alerts(str(monitored["root"] / "alerts" / "alerts.jsonl"))
-    assert {a["detector"] for a in logged} == {a["detector"] for a in alerts}
+    # Every alert the status showed is in the log; the monitor may have raised more since
+    # the snapshot (another detector on a later window), so the log can hold more.
+    key = lambda a: (a["version"], a["kind"], a["detector"], a["window"])  # noqa: E731
+    assert {key(a) for a in alerts} <= {key(a) for a in logged}, (alerts, logged)
     assert all(a["action"] == "log" and a["p_value"] is None or a["p_value"] < 1 for a in logged)
 
 
