@@ -98,6 +98,10 @@ class ModelServer:
         self.fail = False
         self.max_batch_size = 16
         self.model.warmup()
+        if self.model.tuned:  # into this replica's Serve log
+            logging.getLogger("ray.serve").info(
+                "%s: %d 1x1 convolutions run on oneDNN at these batch sizes (serve.accelerator.autotune): %s",
+                self.version, len(self.model.tuned), self.model.tuned)
         self.batch_sizes = Histogram("mlp_batch_size", description="Images per batched forward pass",
                                      boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("version",))
         self.infer_latency = Histogram("mlp_stage_latency_seconds", description="Latency by stage",
