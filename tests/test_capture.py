@@ -199,3 +199,22 @@ def test_monitor_config_errors_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         compose("+mode=monitor", *override.split())
     assert info.value.key == key
+
+
+def test_monitor_keeps_the_newest_windows_and_counts_them_all(tmp_path: Path) -> None:
+    """A long-running monitor's memory does not grow with traffic: it keeps the newest
+    `keep_windows` scored windows, while the count and the last window stay exact."""
+    rng = np.random.default_rng(3)
+    ref = {"embedding": rng.normal(size=(50, 4)), "prediction": rng.integers(0, 3, 50),
+           "frequencies": np.full(3, 1 / 3), "labels": ["a", "b", "c"]}
+    mon = Monitor({"window_size": 5, "quality": {"window": 10, "min_labels": 5, "min_accuracy": 0.5},
+                   "alerts": {"path": str(tmp_path / "alerts.jsonl"), "action": "log", "min_consecutive": 2,
+                              "cooldown_s": 60}}, keep_windows=3)
+    for v in ("v1", "v2"):
+        mon.monitors[v] = VersionMonitor(v, ref, [D.ScipyKS()], window_size=5)
+    rec = lambda v, t: {"version": v, "embedding": rng.normal(size=4).tolist(), "top1_index": 1, "ts": t}  # noqa: E731
+    scored = mon.add_predictions([rec("v1", float(t)) for t in range(40)] + [rec("v2", 100.0 + t) for t in range(10)])
+    assert len(scored) == 8 + 2
+    assert mon.completed == {"v1": 8, "v2": 2}
+    assert len(mon.results) == 3 and [w.version for w in mon.results] == ["v1", "v2", "v2"]
+    assert mon.last_window["v1"].index == 7 and mon.last_window["v2"].index == 1

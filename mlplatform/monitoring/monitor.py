@@ -224,7 +224,8 @@ class Monitor:
     """Everything the live deployment and the offline report share: per-version monitors,
     quality tracking and alerting, fed with batches of captured records."""
 
-    def __init__(self, settings: dict[str, Any], on_window: Any = None, on_alert: Any = None) -> None:
+    def __init__(self, settings: dict[str, Any], on_window: Any = None, on_alert: Any = None,
+                 keep_windows: int = 1000) -> None:
         self.s = settings
         self.monitors: dict[str, VersionMonitor | None] = {}
         q = settings["quality"]
@@ -234,7 +235,11 @@ class Monitor:
                                    a.get("trigger_dir"), a.get("retrain_command"), on_alert,
                                    a.get("retrain_cooldown_s", 3600))
         self.on_window = on_window
-        self.results: list[WindowResult] = []
+        # The newest scored windows (status shows the last 200): bounded, so a long-running
+        # monitor's memory does not grow with its traffic. `completed` counts them all.
+        self.results: deque[WindowResult] = deque(maxlen=keep_windows)
+        self.completed: dict[str, int] = {}
+        self.last_window: dict[str, WindowResult] = {}
 
     def _monitor(self, version: str) -> VersionMonitor | None:
         if version not in self.monitors:
@@ -279,6 +284,10 @@ class Monitor:
             for w in m.add(rows):
                 self.alerts.window(w)
                 self.results.append(w)
+                # Counted once its alerts are raised: status never shows a scored window
+                # whose alerts are still to come.
+                self.completed[version] = w.index + 1
+                self.last_window[version] = w
                 if self.on_window:
                     self.on_window(w)
                 out.append(w)
@@ -408,13 +417,13 @@ def _deployment():
             versions = {}
             for v, m in self.monitor.monitors.items():
                 acc, n = self.monitor.quality.accuracy(v)
-                last = [w for w in self.monitor.results if w.version == v][-1:]
-                versions[v] = {"available": m is not None, "windows": m.windows if m else 0,
+                last = self.monitor.last_window.get(v)
+                versions[v] = {"available": m is not None, "windows": self.monitor.completed.get(v, 0),
                                "pending": len(m._ts) if m else 0, "skipped": self.skipped.get(v, 0),
                                "accuracy": acc, "labels": n,
-                               "last": last[0].to_dict() if last else None}
+                               "last": last.to_dict() if last else None}
             return {"versions": versions, "alerts": self.monitor.alerts.raised, "last_poll": self.last_poll,
-                    "error": self.error, "windows": [w.to_dict() for w in self.monitor.results[-200:]]}
+                    "error": self.error, "windows": [w.to_dict() for w in list(self.monitor.results)[-200:]]}
 
         def check_health(self) -> None:
             if not self._thread.is_alive():
