@@ -32,6 +32,7 @@ from mlplatform.deployments.traffic import TrafficPolicy
 
 log = logging.getLogger("mlplatform.serve")
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+DEFAULT_BATCHING: dict[str, Any] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
 
 
 class ServeSettings(BaseModel):
@@ -46,7 +47,7 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = 10.0
     retry_after_s: int = 1
     top_k: int = 5
-    batching: dict[str, Any] = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
+    batching: dict[str, Any] = DEFAULT_BATCHING
     accelerator: dict[str, Any] = {"device": "auto", "half": False, "channels_last": True, "compile": False,
                                    "fuse": True, "threads": 0, "autotune": True}
     inputs: dict[str, Any] = {}
@@ -722,7 +723,7 @@ def traffic_config(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _batching(s: dict[str, Any]) -> dict[str, Any]:
-    return dict(s.get("batching") or {"max_batch_size": 16, "batch_wait_timeout_s": 0.01})
+    return dict(s.get("batching") or DEFAULT_BATCHING)
 
 
 def model_user_config(s: dict[str, Any], version: str) -> dict[str, Any]:

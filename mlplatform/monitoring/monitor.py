@@ -238,8 +238,12 @@ class Monitor:
         # The newest scored windows (status shows the last 200): bounded, so a long-running
         # monitor's memory does not grow with its traffic. `completed` counts them all.
         self.results: deque[WindowResult] = deque(maxlen=keep_windows)
-        self.completed: dict[str, int] = {}
         self.last_window: dict[str, WindowResult] = {}
+
+    @property
+    def completed(self) -> dict[str, int]:
+        """Windows scored per version, each counted once its alerts are raised."""
+        return {v: w.index + 1 for v, w in self.last_window.items()}
 
     def _monitor(self, version: str) -> VersionMonitor | None:
         if version not in self.monitors:
@@ -286,7 +290,6 @@ class Monitor:
                 self.results.append(w)
                 # Counted once its alerts are raised: status never shows a scored window
                 # whose alerts are still to come.
-                self.completed[version] = w.index + 1
                 self.last_window[version] = w
                 if self.on_window:
                     self.on_window(w)
@@ -418,7 +421,7 @@ def _deployment():
             for v, m in self.monitor.monitors.items():
                 acc, n = self.monitor.quality.accuracy(v)
                 last = self.monitor.last_window.get(v)
-                versions[v] = {"available": m is not None, "windows": self.monitor.completed.get(v, 0),
+                versions[v] = {"available": m is not None, "windows": last.index + 1 if last else 0,
                                "pending": len(m._ts) if m else 0, "skipped": self.skipped.get(v, 0),
                                "accuracy": acc, "labels": n,
                                "last": last.to_dict() if last else None}
