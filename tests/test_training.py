@@ -331,3 +331,35 @@ def test_extended_model_tunes_a_torchvision_body_without_changing_answers(tmp_pa
                                        np.stack([getattr(p, key) for p in p1]), rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # only the tuning decision is under test
     assert extended.ExtendedModel(str(tmp_path), "m", version, device="cpu", compile=True).tuned == {}
+
+
+def test_half_precision_folds_batchnorm_in_float32_before_the_cast() -> None:
+    """fp16 serving (GPU) gets the float32 fold rounded once, not a fold computed in fp16
+    (which changed about a quarter of mobilenet_v3_small's weights, and on an H100 moved
+    probabilities up to 0.018 instead of 0.005). Checked on CPU: the weights, not a forward."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    from mlplatform.deployments.extended import prepare_for_inference
+    from mlplatform.models import torchvision_model
+
+    torch.manual_seed(0)
+    model = torchvision_model("mobilenet_v3_small", num_classes=10).eval()
+    for m in model.modules():  # BatchNorm statistics far from the identity, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.01, 3.0)
+            m.running_mean.uniform_(-1.0, 1.0)
+            m.weight.data.uniform_(0.5, 2.0)
+    expected = fuse(copy.deepcopy(model.body)).half().state_dict()
+    served = prepare_for_inference(copy.deepcopy(model), torch.device("cpu"), torch.float16, True, True, "v")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.body.modules())
+    got = served.body.state_dict()
+    assert got.keys() == expected.keys() and len(got) > 50
+    for key, value in expected.items():
+        assert got[key].dtype == torch.float16 and torch.equal(got[key], value), key
+    assert served.head.weight.dtype == torch.float16
+    # The float32 path is unchanged: same fold, no cast.
+    plain = prepare_for_inference(copy.deepcopy(model), torch.device("cpu"), torch.float32, True, False, "v")
+    for key, value in fuse(copy.deepcopy(model.body)).state_dict().items():
+        assert torch.equal(plain.body.state_dict()[key], value), key
