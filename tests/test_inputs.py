@@ -282,6 +282,50 @@ def test_truncated_files_are_400(fmt: str) -> None:
     assert (e.status, e.code) == (400, "undecodable_image")
 
 
+def test_decode_images_keeps_large_pixels_off_the_event_loop(monkeypatch) -> None:
+    """Headers are checked in the loop, and a bad one fails the request before any pixel
+    is decoded; few pixels decode in the loop, many in a worker thread; the answers are
+    decode_image's either way."""
+    threads: list[int] = []
+    real = inputs.finish_decode
+
+    def finish(opened, limits=None):
+        threads.append(threading.get_ident())
+        return real(opened, limits)
+
+    monkeypatch.setattr(inputs, "finish_decode", finish)
+    small, large = _encode(_noise(100, 80), "PNG"), _encode(_noise(700, 500), "JPEG")
+
+    async def run(datas, **kw):
+        return threading.get_ident(), await inputs.decode_images(datas, **kw)
+
+    loop_thread, out = asyncio.run(run([small, small]))
+    assert threads == [loop_thread] * 2
+    threads.clear()
+    loop_thread, out = asyncio.run(run([small, large]))
+    assert len(threads) == 2 and loop_thread not in threads
+    for got, data in zip(out, [small, large], strict=True):
+        want = decode_image(data)
+        assert (got.width, got.height, got.format, got.sha256) == (want.width, want.height, want.format, want.sha256)
+        assert np.array_equal(np.asarray(got.image), np.asarray(want.image))
+    threads.clear()
+    loop_thread, _ = asyncio.run(run([large], inline_pixels=10**9))
+    assert threads == [loop_thread]
+    # A bad header anywhere: the request fails before anything is decoded.
+    threads.clear()
+    with pytest.raises(InputError) as info:
+        asyncio.run(run([large, b"not an image"]))
+    assert (info.value.status, threads) == (400, [])
+    bomb = _encode(Image.new("RGB", (5000, 5000)), "PNG")
+    with pytest.raises(InputError) as info:
+        asyncio.run(run([small, bomb], limits=InputLimits(max_pixels=1_000_000)))
+    assert (info.value.status, threads) == (413, [])
+    # Pixels that fail to decode in the worker thread are the same 400.
+    with pytest.raises(InputError) as info:
+        asyncio.run(run([small, large[: len(large) // 2]]))
+    assert (info.value.status, info.value.code) == (400, "undecodable_image") and len(threads) == 2
+
+
 def test_mangled_files_only_ever_raise_input_error() -> None:
     rng = np.random.default_rng(1)
     limits = InputLimits(max_pixels=1_000_000)

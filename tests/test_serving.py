@@ -225,6 +225,33 @@ def test_hostile_input_never_poisons_the_server(served) -> None:
     assert requests.get(URL + "/v2/health/ready", timeout=10).status_code == 200
 
 
+def test_large_photos_decode_off_the_event_loop_with_the_same_answers(served) -> None:
+    """Above 512x512 pixels the ingress decodes and resizes in a worker thread: the answers
+    are those of the extended model offline, in REST and OIP, and a corrupt large file is
+    still a 400."""
+    from mlplatform.deployments.extended import ExtendedModel
+    from mlplatform.deployments.inputs import INLINE_DECODE_PIXELS, decode_image
+
+    big = _jpeg(3, 7, size=900)
+    assert 900 * 900 > INLINE_DECODE_PIXELS and len(big) < 300_000
+    offline = ExtendedModel(str(served["root"] / "registry"), MODEL, "v1", device="cpu")
+    want = offline.predict([decode_image(big).image], top_k=3)[0]
+    for _ in range(3):  # v1 and v2 hold the same weights
+        r = _post(data=big, headers={"content-type": "image/jpeg"}, params={"top_k": 3})
+        assert r.status_code == 200, r.text
+        got = r.json()["predictions"]
+        assert [p["label"] for p in got] == want.labels
+        np.testing.assert_allclose([p["score"] for p in got], want.scores, atol=1e-4)
+    oip = requests.post(f"{URL}/v2/models/{MODEL}/infer", timeout=30, json={"inputs": [
+        {"name": "image", "datatype": "BYTES", "shape": [2],
+         "data": [base64.b64encode(big).decode(), base64.b64encode(_jpeg()).decode()]}]})
+    assert oip.status_code == 200, oip.text
+    probs = next(o for o in oip.json()["outputs"] if o["name"] == "probabilities")["data"]
+    np.testing.assert_allclose(probs[:len(served["labels"])], want.probabilities, atol=1e-4)
+    _assert_error(_post(data=big[: len(big) // 2], headers={"content-type": "image/jpeg"}), 400)
+    assert requests.get(URL + "/v2/health/ready", timeout=10).status_code == 200
+
+
 # ----------------------------------------------------------------------------- traffic
 
 

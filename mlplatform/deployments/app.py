@@ -334,7 +334,10 @@ class Ingress:
 
     async def _infer(self, version: str, image: I.DecodedImage, top_k: int) -> dict[str, Any]:
         spec, _ = await self._meta(version)
-        arr = to_uint8(image.image, spec)
+        if image.width * image.height <= I.INLINE_DECODE_PIXELS:
+            arr = to_uint8(image.image, spec)
+        else:  # resizing a large photo takes tens of ms: not on the event loop
+            arr = await asyncio.to_thread(to_uint8, image.image, spec)
         try:
             return await asyncio.wait_for(self.batchers[version].submit(arr, top_k),
                                           timeout=self.s.request_timeout_s)
@@ -403,7 +406,7 @@ class Ingress:
                 raise I.InputError(422, "missing_field", "the JSON body needs 'image' (base64) or 'url'")
         else:
             data = await request.body()
-        image = I.decode_image(data, self.limits)
+        (image,) = await I.decode_images([data], self.limits)
         self.latency.observe(time.perf_counter() - t0, tags={"stage": "decode"})
         return image, top_k, data
 
@@ -664,7 +667,7 @@ class Ingress:
                 request.headers.get(self.s.sticky_header) if self.s.sticky_header else None)
             _, labels = await self._meta(version)
             started = time.perf_counter()
-            images = [I.decode_image(data, self.limits) for data in req.images]
+            images = await I.decode_images(req.images, self.limits)
             results = await asyncio.gather(*(self._infer(version, img, 1) for img in images))
             request.state.batch_size = max(r["batch_size"] for r in results)
             role = "pinned" if pinned else self._role(version)
