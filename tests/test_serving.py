@@ -226,9 +226,9 @@ def test_hostile_input_never_poisons_the_server(served) -> None:
 
 
 def test_large_photos_decode_off_the_event_loop_with_the_same_answers(served) -> None:
-    """Above 512x512 pixels the ingress decodes and resizes in a worker thread: the answers
-    are those of the extended model offline, in REST and OIP, and a corrupt large file is
-    still a 400."""
+    """Above 512x512 pixels the ingress decodes and resizes in a worker thread, and parses
+    JSON bodies over 256 KiB there: the answers are those of the extended model offline, in
+    REST and OIP, and corrupt input is still a 400."""
     from mlplatform.deployments.extended import ExtendedModel
     from mlplatform.deployments.inputs import INLINE_DECODE_PIXELS, decode_image
 
@@ -249,6 +249,23 @@ def test_large_photos_decode_off_the_event_loop_with_the_same_answers(served) ->
     probs = next(o for o in oip.json()["outputs"] if o["name"] == "probabilities")["data"]
     np.testing.assert_allclose(probs[:len(served["labels"])], want.probabilities, atol=1e-4)
     _assert_error(_post(data=big[: len(big) // 2], headers={"content-type": "image/jpeg"}), 400)
+    # JSON bodies over 256 KiB are parsed in a worker thread too: same answers, same errors.
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (500, 500, 3), np.uint8)).save(buf, "JPEG", quality=90)
+    noisy = buf.getvalue()
+    b64 = base64.b64encode(noisy).decode()
+    assert 256 * 1024 < len(b64) < 400_000
+    want = offline.predict([decode_image(noisy).image], top_k=2)[0]
+    r = _post(json={"image": b64, "top_k": 2})
+    assert r.status_code == 200, r.text
+    assert [p["label"] for p in r.json()["predictions"]] == want.labels
+    _assert_error(_post(data=b'{"image": "' + b64.encode() + b'"', headers={"content-type": "application/json"}), 400)
+    _assert_error(_post(json={"image": b64[:-3] + "!!!"}), 400)
+    oip = requests.post(f"{URL}/v2/models/{MODEL}/infer", timeout=30, json={"inputs": [
+        {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]})
+    assert oip.status_code == 200, oip.text
+    probs = next(o for o in oip.json()["outputs"] if o["name"] == "probabilities")["data"]
+    np.testing.assert_allclose(probs, want.probabilities, atol=1e-4)
     assert requests.get(URL + "/v2/health/ready", timeout=10).status_code == 200
 
 
