@@ -7,7 +7,6 @@ with the same config that `python run.py +mode=serve` uses.
 
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -37,6 +36,11 @@ DEFAULT_BATCHING: dict[str, Any] = {"max_batch_size": 16, "batch_wait_timeout_s"
 # JSON request bodies up to this size are parsed (base64 included) on the event loop; larger
 # ones in a worker thread, like large images (inputs.INLINE_DECODE_PIXELS).
 INLINE_BODY_BYTES = 256 * 1024
+
+
+async def _off_loop_if(large: bool, fn, *args, **kwargs):
+    """fn(...) on the event loop, or in a worker thread when the input is large."""
+    return await asyncio.to_thread(fn, *args, **kwargs) if large else fn(*args, **kwargs)
 
 
 class ServeSettings(BaseModel):
@@ -338,10 +342,8 @@ class Ingress:
 
     async def _infer(self, version: str, image: I.DecodedImage, top_k: int) -> dict[str, Any]:
         spec, _ = await self._meta(version)
-        if image.width * image.height <= I.INLINE_DECODE_PIXELS:
-            arr = to_uint8(image.image, spec)
-        else:  # resizing a large photo takes tens of ms: not on the event loop
-            arr = await asyncio.to_thread(to_uint8, image.image, spec)
+        # Resizing a large photo takes tens of ms: not on the event loop.
+        arr = await _off_loop_if(image.width * image.height > I.INLINE_DECODE_PIXELS, to_uint8, image.image, spec)
         try:
             return await asyncio.wait_for(self.batchers[version].submit(arr, top_k),
                                           timeout=self.s.request_timeout_s)
@@ -392,8 +394,7 @@ class Ingress:
             if len(body) > self.limits.max_bytes * 4 // 3 + 4096:
                 raise I.InputError(413, "too_many_bytes", "JSON body larger than the image byte limit allows")
             # A 9 MB image is 12 MB of JSON: 40 ms to parse and decode, not on the event loop.
-            top_k, data, url = (self._json_image(body) if len(body) <= INLINE_BODY_BYTES
-                                else await asyncio.to_thread(self._json_image, body))
+            top_k, data, url = await _off_loop_if(len(body) > INLINE_BODY_BYTES, self._json_image, body)
             if url is not None:
                 data = await I.fetch_url(url, self.url_policy)
         else:
@@ -672,8 +673,8 @@ class Ingress:
         async def handle(request_id: str) -> tuple[Response, str]:
             self._check_model(model, pinned)
             body = await request.body()
-            parse = functools.partial(oip.parse_infer_request, body, dict(request.headers), max_batch=256)
-            req = parse() if len(body) <= INLINE_BODY_BYTES else await asyncio.to_thread(parse)
+            req = await _off_loop_if(len(body) > INLINE_BODY_BYTES, oip.parse_infer_request, body,
+                                     dict(request.headers), max_batch=256)
             version = pinned or self.policy.choose(
                 request.headers.get(self.s.sticky_header) if self.s.sticky_header else None)
             _, labels = await self._meta(version)

@@ -408,14 +408,11 @@ async def decode_images(datas: list[bytes], limits: InputLimits | None = None,
         raise
 
     def finish() -> list[DecodedImage]:
-        out = []
         try:
+            return [finish_decode(o, limits) for o in opened]
+        finally:  # after an error, the images not reached (closing one twice is harmless)
             for o in opened:
-                out.append(finish_decode(o, limits))
-        finally:
-            for o in opened[len(out) + 1:]:  # not reached after an error: close them
                 o.image.close()
-        return out
 
     if sum(o.pixels for o in opened) <= inline_pixels:
         return finish()

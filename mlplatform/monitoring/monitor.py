@@ -418,10 +418,11 @@ def _deployment():
 
         def status(self) -> dict[str, Any]:
             versions = {}
+            completed = self.monitor.completed
             for v, m in self.monitor.monitors.items():
                 acc, n = self.monitor.quality.accuracy(v)
                 last = self.monitor.last_window.get(v)
-                versions[v] = {"available": m is not None, "windows": last.index + 1 if last else 0,
+                versions[v] = {"available": m is not None, "windows": completed.get(v, 0),
                                "pending": len(m._ts) if m else 0, "skipped": self.skipped.get(v, 0),
                                "accuracy": acc, "labels": n,
                                "last": last.to_dict() if last else None}
