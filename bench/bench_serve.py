@@ -7,7 +7,9 @@ with batching off and on, at several client concurrencies, in one run.
 (c) platform, batching off (max_batch_size=1); (d) platform, batching on; both with capture
 and drift monitoring on, as deployed; (e) batching on without capture and monitoring;
 (f) batching on with Serve's standard Python proxy (ray.serve_high_throughput=false);
-(g) the HTTP floor: the ingress alone answering, no model (what no such app beats here).
+(g) the HTTP floor: the ingress alone answering, no model (what no such app beats here);
+(h) the cost of authentication: (d) at concurrency 32 with API keys on and off, alternated in
+    place on the same replicas (target: keys cost under 3% of throughput).
 (c)-(e) run in Ray Serve's high-throughput mode, the default (HAProxy ingress, gRPC between
 replicas); (f) restarts Ray without it. The ingress batches per version and sends one call
 per batch to the model replica.
@@ -54,7 +56,8 @@ def _jpeg(size: int = 64) -> bytes:
     return buf.getvalue()
 
 
-async def _load(url: str, body: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+async def _load(url: str, body: bytes, concurrency: int, seconds: float,
+                headers: dict[str, str] | None = None) -> dict[str, float]:
     """`concurrency` clients, each posting the image again as soon as its answer arrives.
     aiohttp: the load generator shares the machine's cores, and httpx cost 2.3 ms of CPU per
     request at concurrency 32 (5.5 ms at 64), capping any server near 430 req/s; aiohttp
@@ -68,7 +71,7 @@ async def _load(url: str, body: bytes, concurrency: int, seconds: float) -> dict
             nonlocal errors
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                async with client.post(url, data=body, headers={"content-type": "image/jpeg"}) as r:
+                async with client.post(url, data=body, headers={"content-type": "image/jpeg", **(headers or {})}) as r:
                     await r.read()
                     if r.status == 200:
                         latencies.append(time.perf_counter() - t0)
@@ -113,6 +116,15 @@ def _cpu_per_image(before: dict, after: dict, images: int) -> dict[str, float]:
     return {k: round(1000 * v / max(images, 1), 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
+def _accelerator() -> dict:
+    """conf/serve's accelerator: the naive server and the limit run the served model as deployed."""
+    from omegaconf import OmegaConf
+
+    from mlplatform.cli_check import compose_defaults
+
+    return OmegaConf.to_container(compose_defaults().serve.accelerator)
+
+
 def _naive_server(registry_root: str, model_name: str, version: str, port: int) -> None:
     """What a user would otherwise write: decode and predict inside the handler, one at a time."""
     import uvicorn
@@ -121,7 +133,7 @@ def _naive_server(registry_root: str, model_name: str, version: str, port: int) 
     from mlplatform.data.preprocess import decode
     from mlplatform.deployments.extended import ExtendedModel
 
-    model = ExtendedModel(registry_root, model_name, version)
+    model = ExtendedModel(registry_root, model_name, version, **_accelerator())
     app = FastAPI()
 
     @app.post("/p")
@@ -181,7 +193,7 @@ def _wait_for_quiet(max_s: float = 30.0) -> None:
 def _limit(registry_root: str, model_name: str, version: str, size: int) -> dict[str, float]:
     from mlplatform.deployments.extended import ExtendedModel
 
-    model = ExtendedModel(registry_root, model_name, version)
+    model = ExtendedModel(registry_root, model_name, version, **_accelerator())
     arr = np.stack([np.asarray(synthetic.render(3, i, size)) for i in range(64)])
     _wait_for_quiet()
     best: dict[int, float] = {}
@@ -197,6 +209,31 @@ def _limit(registry_root: str, model_name: str, version: str, size: int) -> dict
     top = max(best, key=best.get)
     return {"images_per_s": round(best[top], 1), "best_batch_size": top,
             "by_batch_size": {k: round(v, 1) for k, v in best.items()}}
+
+
+BENCH_KEY = "bench-key-not-a-secret"
+
+
+def _auth_cost(overrides: list[str], body: bytes, seconds: float, rounds: int = 3) -> dict:
+    """(h) keys off, keys on, alternated `rounds` times on the running app (keys change in
+    place: the same replicas), concurrency 32; each side's median img/s."""
+    from mlplatform.deployments.serve_mode import deploy
+
+    os.environ["MLP_BENCH_KEY"] = BENCH_KEY
+    on = ["serve.auth.keys=[{id: bench, roles: [predict], rate: 1000000, burst: 1000000, "
+          "secret_env: MLP_BENCH_KEY}]", "serve.auth.client.rate=1000000", "serve.auth.client.burst=1000000"]
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(rounds):
+        for side in ("off", "on"):
+            deploy(_cfg([*overrides, *(on if side == "on" else [])]))
+            headers = {"authorization": f"Bearer {BENCH_KEY}"} if side == "on" else None
+            asyncio.run(_load("http://127.0.0.1:8791/predict", body, 4, 1.0, headers))  # settle
+            r = asyncio.run(_load("http://127.0.0.1:8791/predict", body, 32, seconds, headers))
+            assert r["errors"] == 0, f"keys {side}: {r['errors']} errors"
+            runs[side].append(r["images_per_s"])
+    off, on_ = statistics.median(runs["off"]), statistics.median(runs["on"])
+    return {"keys_off_images_per_s": off, "keys_on_images_per_s": on_, "runs": runs,
+            "cost": round(1 - on_ / off, 3) if off else None}
 
 
 def main() -> None:
@@ -251,12 +288,14 @@ def main() -> None:
                 serve.shutdown()
                 ray.shutdown()
                 _start_ray(high_throughput=False)
-            cfg = _cfg(["+mode=serve", *base, *extra, "serve.port=8791",
-                        f"serve.versions=[{{ref: {version}, role: stable, weight: 100}}]", f"serve.batching.max_batch_size={batch}",
-                        "serve.batching.batch_wait_timeout_s=0.01", "serve.deployment.num_cpus=1",
-                        "serve.deployment.min_replicas=1", "serve.deployment.max_replicas=1",
-                        "serve.deployment.max_ongoing_requests=128", "serve.deployment.max_queued_requests=-1",
-                        "serve.ingress_cpus=0.5"])
+            overrides = ["+mode=serve", *base, *extra, "serve.port=8791",
+                         f"serve.versions=[{{ref: {version}, role: stable, weight: 100}}]",
+                         f"serve.batching.max_batch_size={batch}", "serve.batching.batch_wait_timeout_s=0.01",
+                         "serve.deployment.num_cpus=1", "serve.deployment.min_replicas=1",
+                         "serve.deployment.max_replicas=1", "serve.deployment.max_ongoing_requests=128",
+                         "serve.deployment.max_queued_requests=-1", "serve.ingress.num_cpus=0.5",
+                         "serve.ingress.max_replicas=1"]
+            cfg = _cfg(overrides)
             deploy(cfg)
             asyncio.run(_load("http://127.0.0.1:8791/predict", body, 4, 1.0))  # warm up
             results[key] = {}
@@ -266,6 +305,8 @@ def main() -> None:
                 if c == 32 and before:
                     results[key][c]["cpu_ms_per_image"] = _cpu_per_image(before, _cpu_seconds(),
                                                                          results[key][c]["images"])
+            if key == "d_batching_on":
+                results["h_auth_cost_at_32"] = _auth_cost(overrides, body, args.seconds)
         serve.shutdown()
         ray.shutdown()
         _start_ray(high_throughput=True)  # (g) in the default mode, on a fresh Ray
@@ -286,6 +327,9 @@ def main() -> None:
         for c, r in results[key].items():
             print(f"{key:<28}{c:>6}{r['images_per_s']:>10}{str(r['p50_ms']):>10}{str(r['p95_ms']):>10}"
                   f"{str(r['p99_ms']):>10}{r['errors']:>8}")
+    auth = results["h_auth_cost_at_32"]
+    print(f"(h) at concurrency 32: keys off {auth['keys_off_images_per_s']} img/s, keys on "
+          f"{auth['keys_on_images_per_s']} img/s: authentication costs {auth['cost']:.1%} (target: under 3%)")
     if "cpu_ms_per_image" in results["d_batching_on"][32]:
         print("(d) at concurrency 32, ms of CPU per image:", results["d_batching_on"][32]["cpu_ms_per_image"])
     on32, naive32 = results["d_batching_on"][32]["images_per_s"], results["b_naive"][32]["images_per_s"]
@@ -294,6 +338,7 @@ def main() -> None:
                "high_throughput_vs_python_proxy_at_32": round(
                    on32 / results["f_batching_on_python_proxy"][32]["images_per_s"], 2),
                "http_floor_at_32": results["g_http_floor_no_model"][32]["images_per_s"],
+               "auth_cost_at_32": results["h_auth_cost_at_32"]["cost"],
                "cpus": os.cpu_count(), "model": args.model, "image_size": args.image_size, "seconds_per_point": args.seconds}
     print(f"at concurrency 32: batching on = {summary['batching_on_vs_naive_at_32']}x the naive server, "
           f"{summary['batching_on_vs_limit_at_32']:.0%} of the limit (targets: >= 2x and >= 60%)")

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from mlplatform.cli_check import compose_defaults
 from mlplatform.data import synthetic
 from mlplatform.data.preprocess import to_uint8
 from mlplatform.deployments.extended import ExtendedModel
@@ -47,8 +49,9 @@ def main() -> None:
     args = ap.parse_args()
     assert args.device == "cpu" or torch.cuda.is_available(), "no CUDA device"
     # The reference: plain eager PyTorch on CPU in fp32, none of the serving optimisations.
-    cpu = ExtendedModel(args.registry, args.model_name, args.version, device="cpu", fuse=False,
-                        channels_last=False, autotune=False)
+    defaults = OmegaConf.to_container(compose_defaults().serve.accelerator)
+    cpu = ExtendedModel(args.registry, args.model_name, args.version,
+                        **{**defaults, "device": "cpu", "fuse": False, "channels_last": False, "autotune": False})
     n_cls = cpu.num_classes
     size = max(cpu.spec.resize_size, cpu.spec.image_size)
     imgs = [synthetic.render(i % n_cls, 10_000 + i, size) for i in range(args.images)]
@@ -74,7 +77,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name, kw in variants.items():
         t0 = time.perf_counter()
-        m = ExtendedModel(args.registry, args.model_name, args.version, **kw)
+        m = ExtendedModel(args.registry, args.model_name, args.version, **{**defaults, **kw})
         p, e = m.forward(m.to_tensor(arr))
         first = time.perf_counter() - t0
         cos = (e * ref_e).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref_e, axis=1) + 1e-12)

@@ -7,6 +7,7 @@ semantic checks of `mlplatform.config.validate` into `error: key=value: reason`.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from hydra import compose, initialize_config_dir
@@ -48,8 +49,12 @@ def compose_checked(config_dir: str, overrides: list[str], config_name: str = "c
         raise ConfigError(exc.full_key, "???", "missing value: set it on the command line or in YAML") from None
     except (HydraException, OverrideParseException, OmegaConfBaseException) as exc:
         raise _Line(_describe(exc, overrides)) from None
-    validate(cfg)
+    validate(cfg, _mode(overrides))
     return cfg
+
+
+def _mode(overrides: list[str]) -> str | None:
+    return next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("mode=")), None)
 
 
 class _Line(ConfigError):
@@ -58,6 +63,25 @@ class _Line(ConfigError):
     def __init__(self, line: str) -> None:  # noqa: D107
         ValueError.__init__(self, line)
         self.key, self.value, self.reason = line.split("=", 1)[0], "", line
+
+
+def _conf_dir() -> str:
+    """conf/ beside run.py when this package is a checkout's (an editable install), else the
+    copy an installed wheel carries as mlplatform/conf."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(package)
+    if os.path.isfile(os.path.join(checkout, "run.py")) and os.path.isdir(os.path.join(checkout, "conf")):
+        return os.path.join(checkout, "conf")
+    return os.path.join(package, "conf")
+
+
+# The config `python -m mlplatform` composes, and tools that need the defaults (benchmarks).
+CONF_DIR = _conf_dir()
+
+
+def compose_defaults(*overrides: str) -> DictConfig:
+    """The config `python run.py <overrides>` would see, composed from CONF_DIR."""
+    return compose_checked(CONF_DIR, list(overrides))
 
 
 def check_overrides(argv: list[str], config_dir: str) -> None:

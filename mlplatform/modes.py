@@ -33,9 +33,10 @@ def _with_ray(module: str, func: str) -> Callable[[DictConfig], dict[str, Any]]:
 
 
 def _serve(cfg: DictConfig) -> dict[str, Any]:
-    from mlplatform.deployments.serve_mode import run_serve
+    from mlplatform.deployments.serve_mode import auth_settings, run_serve
     from mlplatform.raycluster import ray_session
 
+    auth_settings(cfg)  # an unset key variable or unreadable key file: one line, before Ray
     with ray_session(cfg.ray) as session:
         return run_serve(cfg, session)
 
@@ -55,21 +56,32 @@ def _monitor(cfg: DictConfig) -> dict[str, Any]:
 def _rollout(cfg: DictConfig) -> dict[str, Any]:
     from mlplatform.pipeline.rollout import run_rollout
 
-    if not cfg.rollout.apply:
+    if not cfg.rollout.apply and not cfg.rollout.auto:
         return run_rollout(cfg)
     if not cfg.ray.address:
         from mlplatform.errors import ConfigError
 
-        raise ConfigError("ray.address", None, "rollout.apply=true changes the running deployment: "
+        key = "rollout.auto=true steps" if cfg.rollout.auto else "rollout.apply=true changes"
+        raise ConfigError("ray.address", None, f"{key} the running deployment: "
                           "join its cluster with ray.address=auto")
     from mlplatform.raycluster import ray_session
 
     with ray_session(cfg.ray):
+        if cfg.rollout.auto:
+            from mlplatform.pipeline.autorollout import run_auto
+
+            return run_auto(cfg)
         return run_rollout(cfg)
 
 
+def _sync(cfg: DictConfig) -> dict[str, Any]:
+    from mlplatform.sync.reconciler import run_sync
+
+    return run_sync(cfg)
+
+
 def _registry(cfg: DictConfig) -> dict[str, Any]:
-    from mlplatform.training.evaluate import run_registry
+    from mlplatform.registry.mode import run_registry
 
     return run_registry(cfg)
 
@@ -88,11 +100,12 @@ MODES: dict[str, tuple[Callable[[DictConfig], dict[str, Any]], str]] = {
     "serve": (_serve, "deploy conf/serve on Ray Serve (REST + Open Inference Protocol); block until SIGINT/SIGTERM"),
     "predict": (_with_ray("mlplatform.deployments.predict", "run_predict"),
                 "offline batch inference over a folder or manifest with Ray Data; writes Parquet"),
-    "deploy": (_deploy, "write the Serve config, a KubeRay RayService and a Dockerfile; start nothing"),
+    "deploy": (_deploy, "write the Serve config, a KubeRay RayService, RayJobs and a volume claim; start nothing"),
     "pipeline": (_with_ray("mlplatform.pipeline.run", "run_pipeline"),
                  "snapshot base + captured data, validate, split, train, evaluate, gate, register, propose a canary"),
     "rollout": (_rollout, "canary analysis against stable; propose (or apply) the next step, promotion or rollback"),
     "monitor": (_monitor, "report drift, species shift, feedback accuracy and alerts over captured data"),
+    "sync": (_sync, "apply gitops.branch of gitops.repo to the running Serve app at each new commit; report drift"),
     "registry": (_registry, "list versions, metrics, aliases and lineage; registry.set_alias=alias:vN"),
 }
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import ray
 from omegaconf import DictConfig
 
+from mlplatform import ray_compat
+
 log = logging.getLogger(__name__)
 
 # Ray Serve reads these when each of its processes starts, so they must be in the environment
@@ -20,8 +22,17 @@ log = logging.getLogger(__name__)
 HIGH_THROUGHPUT_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
+# A request whose ingress replica dies before answering (its node lost) is sent again to
+# another by HAProxy ("empty-response"), instead of HAProxy's text/plain 500. Safe for the
+# platform's routes: predict is idempotent and feedback is stored per request id.
+HAPROXY_RETRY_ON = "conn-failure empty-response"
+
+
 def serve_env(high_throughput: bool) -> dict[str, str]:
-    return {k: "1" if high_throughput else "0" for k in HIGH_THROUGHPUT_ENV}
+    env = {k: "1" if high_throughput else "0" for k in HIGH_THROUGHPUT_ENV}
+    if high_throughput:
+        env["RAY_SERVE_HAPROXY_RETRY_ON"] = HAPROXY_RETRY_ON
+    return env
 
 
 def apply_serve_env(high_throughput: bool) -> None:
@@ -51,15 +62,11 @@ class Session:
 
     @property
     def dashboard_url(self) -> str | None:
-        from ray._private.worker import get_dashboard_url
-
-        url = get_dashboard_url()
-        return f"http://{url}" if url and not url.startswith("http") else url
+        return ray_compat.dashboard_url()
 
     @property
     def metrics_url(self) -> str | None:
-        node = getattr(ray._private.worker.global_worker, "node", None)
-        port = getattr(node, "metrics_export_port", None)
+        port = ray_compat.metrics_export_port()
         return f"http://127.0.0.1:{port}/metrics" if port else None
 
 
@@ -71,18 +78,21 @@ def ray_session(ray_cfg: DictConfig) -> Iterator[Session]:
     # Workers import mlplatform from the installed package; keep their logs quiet.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict = {"log_to_driver": True}
-    started = not ray_cfg.address
-    high_throughput = bool(ray_cfg.get("serve_high_throughput", True))
-    if ray_cfg.address:
+    # ray.address null: a driver that Ray started for a job (`ray job submit`, a KubeRay RayJob)
+    # joins that job's cluster, which Ray names in RAY_ADDRESS; anywhere else a local Ray starts.
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
+    started = not address
+    high_throughput = bool(ray_cfg.serve_high_throughput)
+    if address:
         log.info("joining Ray cluster at %s (Serve runs in the mode that cluster was started with; "
-                 "high-throughput needs %s=1 in its environment)", ray_cfg.address, "/".join(HIGH_THROUGHPUT_ENV))
-        ray.init(address=ray_cfg.address, **kwargs)
+                 "high-throughput needs %s=1 in its environment)", address, "/".join(HIGH_THROUGHPUT_ENV))
+        ray.init(address=address, **kwargs)
     else:
         log.info("starting a local Ray (num_cpus=%s, serve high-throughput=%s)", ray_cfg.num_cpus, high_throughput)
         apply_serve_env(high_throughput)
         try:
-            ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=ray_cfg.include_dashboard,
-                     _metrics_export_port=ray_cfg.metrics_export_port, **kwargs)
+            ray_compat.init_local(ray_cfg.metrics_export_port, num_cpus=ray_cfg.num_cpus,
+                                  include_dashboard=ray_cfg.include_dashboard, **kwargs)
         except ValueError as exc:
             if "existing cluster" not in str(exc):
                 raise

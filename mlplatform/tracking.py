@@ -28,7 +28,7 @@ class Tracker:
             dir=wandb_cfg["dir"], id=run_id, name=name, resume="allow", config=config, job_type=job_type,
             tags=list(wandb_cfg.get("tags") or []), reinit="finish_previous",
         )
-        self.log_model_enabled = bool(wandb_cfg.get("log_model", True))
+        self.log_model_enabled = bool(wandb_cfg["log_model"])
 
     @property
     def dir(self) -> str | None:

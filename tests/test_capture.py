@@ -11,19 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from mlplatform.capture.store import CaptureStore
+from mlplatform.capture.writer import CaptureWriter
 from mlplatform.errors import ConfigError
 from mlplatform.monitoring import detectors as D
-from mlplatform.monitoring.capture import CaptureStore, CaptureWriter
-from mlplatform.monitoring.monitor import (
-    AlertManager,
-    Monitor,
-    QualityTracker,
-    VersionMonitor,
-    WindowResult,
-    read_alerts,
-)
+from mlplatform.monitoring.alerts import AlertManager, read_alerts
+from mlplatform.monitoring.windows import Monitor, QualityTracker, VersionMonitor, WindowResult
 
-from .conftest import compose
+from .conftest import compose, wait_for
 
 
 def _record(i: int, version: str = "v1", ts: float | None = None) -> dict:
@@ -34,13 +29,14 @@ def _record(i: int, version: str = "v1", ts: float | None = None) -> dict:
 
 
 def test_writer_flushes_on_interval_and_partitions(tmp_path: Path) -> None:
-    w = CaptureWriter(str(tmp_path), flush_interval_s=0.2)
+    w = CaptureWriter(str(tmp_path), flush_interval_s=0.2, sample_images=0.0)
     day_ago = time.time() - 86400
     w.add_prediction(_record(1))
     w.add_prediction(_record(2, "v2"))
     w.add_prediction(_record(3, ts=day_ago), image=b"\xff\xd8jpeg")
-    time.sleep(0.8)  # no explicit flush: the background thread writes it
     store = CaptureStore(str(tmp_path))
+    # No explicit flush: the background thread writes within a few intervals.
+    wait_for(lambda: store.predictions().num_rows == 3, timeout=5, message="the writer's thread did not flush")
     rows = {r["request_id"]: r for r in store.predictions().to_pylist()}
     assert set(rows) == {"r1", "r2", "r3"}
     assert rows["r1"]["embedding"] == [1.0] * 4
@@ -52,7 +48,7 @@ def test_writer_flushes_on_interval_and_partitions(tmp_path: Path) -> None:
 
 
 def test_close_writes_what_is_buffered_and_files_are_whole(tmp_path: Path) -> None:
-    w = CaptureWriter(str(tmp_path), flush_interval_s=3600)
+    w = CaptureWriter(str(tmp_path), flush_interval_s=3600, sample_images=0.0)
     for i in range(500):
         w.add_prediction(_record(i))
     assert not CaptureStore(str(tmp_path)).prediction_files()
@@ -65,7 +61,7 @@ def test_close_writes_what_is_buffered_and_files_are_whole(tmp_path: Path) -> No
 def test_a_failed_flush_keeps_the_records(tmp_path: Path) -> None:
     blocker = tmp_path / "root"
     blocker.write_text("a file where the capture directory should be")
-    w = CaptureWriter(str(blocker), flush_interval_s=3600)
+    w = CaptureWriter(str(blocker), flush_interval_s=3600, sample_images=0.0)
     w.add_prediction(_record(1))
     assert w.flush() == 0 and w.stats["flush_errors"] == 1
     blocker.unlink()
@@ -75,7 +71,7 @@ def test_a_failed_flush_keeps_the_records(tmp_path: Path) -> None:
 
 
 def test_feedback_join_latest_label_wins(tmp_path: Path) -> None:
-    w = CaptureWriter(str(tmp_path), flush_interval_s=3600)
+    w = CaptureWriter(str(tmp_path), flush_interval_s=3600, sample_images=0.0)
     for i in range(3):
         w.add_prediction(_record(i))
     t = time.time()
@@ -89,7 +85,8 @@ def test_feedback_join_latest_label_wins(tmp_path: Path) -> None:
 
 def test_alerts_need_consecutive_windows_and_respect_cooldown(tmp_path: Path) -> None:
     path = str(tmp_path / "alerts.jsonl")
-    am = AlertManager(path, "retrain", min_consecutive=2, cooldown_s=100, trigger_dir=str(tmp_path / "triggers"))
+    am = AlertManager(path, "retrain", min_consecutive=2, cooldown_s=100, retrain_cooldown_s=3600,
+                      trigger_dir=str(tmp_path / "triggers"))
 
     def window(i: int, drift: bool) -> WindowResult:
         r = D.DriftResult("mmd", "embedding", drift, 0.001 if drift else 0.5, 1.0, 0.05, 32)
@@ -121,8 +118,9 @@ def test_quality_tracker_needs_enough_labels() -> None:
 
 
 def test_budget_is_shared_by_batch_detectors() -> None:
-    dets = D.build({"mmd": {"_target_": "mlplatform.monitoring.detectors.AlibiMMD"},
-                    "ks": {"_target_": "mlplatform.monitoring.detectors.ScipyKS", "p_val": 0.01},
+    dets = D.build({"mmd": {"_target_": "mlplatform.monitoring.detectors.AlibiMMD", "n_permutations": 100},
+                    "ks": {"_target_": "mlplatform.monitoring.detectors.ScipyKS", "n_components": 8,
+                           "p_val": 0.01},
                     "chi2": {"_target_": "mlplatform.monitoring.detectors.ScipyChiSquare"}}, budget=0.06)
     assert {d.name: d.p_val for d in dets} == {"mmd": 0.02, "ks": 0.01, "chi2": 0.02}
 
@@ -137,8 +135,9 @@ def test_backends_agree_and_detect_a_shift() -> None:
     ref = rng.normal(size=(200, 16))
     same, shifted = rng.normal(size=(64, 16)), rng.normal(size=(64, 16)) + 0.7
     results = {}
-    for cls in (D.AlibiKS, D.ScipyKS, D.AlibiMMD):
-        d = cls()
+    for cls, kw in ((D.AlibiKS, {"n_components": 8}), (D.ScipyKS, {"n_components": 8}),
+                    (D.AlibiMMD, {"n_permutations": 100})):
+        d = cls(**kw)
         d.fit(ref, 10)
         results[cls.__name__] = (d.score(same), d.score(shifted))
     for name, (a, b) in results.items():
@@ -156,7 +155,7 @@ def test_version_monitor_windows() -> None:
     rng = np.random.default_rng(1)
     ref = {"embedding": rng.normal(size=(100, 8)), "prediction": rng.integers(0, 4, 100),
            "frequencies": np.full(4, 0.25), "labels": ["a", "b", "c", "d"]}
-    vm = VersionMonitor("v1", ref, [D.ScipyKS(), D.ScipyChiSquare()], window_size=20)
+    vm = VersionMonitor("v1", ref, [D.ScipyKS(n_components=8), D.ScipyChiSquare()], window_size=20)
     recs = [{"embedding": rng.normal(size=8), "top1_index": int(rng.integers(0, 4)), "ts": float(i)}
             for i in range(50)]
     windows = vm.add(recs)
@@ -172,8 +171,9 @@ def test_heavy_traffic_scores_the_newest_windows_only(tmp_path: Path) -> None:
            "frequencies": np.full(3, 1 / 3), "labels": ["a", "b", "c"]}
     mon = Monitor({"window_size": 10, "quality": {"window": 10, "min_labels": 5, "min_accuracy": 0.5},
                    "alerts": {"path": str(tmp_path / "alerts.jsonl"), "action": "log", "min_consecutive": 2,
-                              "cooldown_s": 60}})
-    mon.monitors["v1"] = VersionMonitor("v1", ref, [D.ScipyKS()], window_size=10)
+                              "cooldown_s": 60, "retrain_cooldown_s": 3600,
+                              "feedback_flood_labels": 100, "feedback_flood_interval_s": 60}})
+    mon.monitors["v1"] = VersionMonitor("v1", ref, [D.ScipyKS(n_components=8)], window_size=10)
     mon.monitors["v1"].add([{"embedding": rng.normal(size=4), "top1_index": 0, "ts": -1.0}] * 4)  # 4 pending
     versions = ["v1", "v2"] * 30
     ts = [float(60 - i) for i in range(60)]  # newest first: the sample must reorder
@@ -209,9 +209,10 @@ def test_monitor_keeps_the_newest_windows_and_counts_them_all(tmp_path: Path) ->
            "frequencies": np.full(3, 1 / 3), "labels": ["a", "b", "c"]}
     mon = Monitor({"window_size": 5, "quality": {"window": 10, "min_labels": 5, "min_accuracy": 0.5},
                    "alerts": {"path": str(tmp_path / "alerts.jsonl"), "action": "log", "min_consecutive": 2,
-                              "cooldown_s": 60}}, keep_windows=3)
+                              "cooldown_s": 60, "retrain_cooldown_s": 3600,
+                              "feedback_flood_labels": 100, "feedback_flood_interval_s": 60}}, keep_windows=3)
     for v in ("v1", "v2"):
-        mon.monitors[v] = VersionMonitor(v, ref, [D.ScipyKS()], window_size=5)
+        mon.monitors[v] = VersionMonitor(v, ref, [D.ScipyKS(n_components=8)], window_size=5)
     rec = lambda v, t: {"version": v, "embedding": rng.normal(size=4).tolist(), "top1_index": 1, "ts": t}  # noqa: E731
     scored = mon.add_predictions([rec("v1", float(t)) for t in range(40)] + [rec("v2", 100.0 + t) for t in range(10)])
     assert len(scored) == 8 + 2

@@ -39,7 +39,9 @@ def test_every_model_instantiates_and_predicts(option: str) -> None:
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_every_mode_composes_with_smoke(mode: str, tmp_path: Path) -> None:
-    cfg = compose(f"+mode={mode}", "+experiment=smoke", f"paths.root={tmp_path}")
+    # Serve in the cluster is off loopback (deploy.serve_host): keys, or open said explicitly.
+    extra = ("serve.auth.required=false",) if mode == "deploy" else ()
+    cfg = compose(f"+mode={mode}", "+experiment=smoke", f"paths.root={tmp_path}", *extra)
     assert cfg.data.synthetic.num_classes < 20  # the smoke experiment applied
 
 
@@ -71,6 +73,12 @@ def test_pretrained_weights_load_from_local_file(tmp_path: Path) -> None:
         ("serve.accelerator.threads=-1", "serve.accelerator.threads=-1"),
         ("serve.versions=[{ref: v1, role: stable, weight: 90}]", "serve.versions=90"),
         ("serve.shadows=[{ref: v2, mirror: 1.5}]", "serve.shadows[0].mirror=1.5"),
+        ("serve.ingress.min_replicas=0", "serve.ingress.min_replicas=0"),
+        ("serve.ingress.max_replicas=0", "serve.ingress.max_replicas=0"),
+        ("serve.ingress.max_replicas_per_node=0", "serve.ingress.max_replicas_per_node=0"),
+        ("serve.deployment.max_replicas_per_node=101", "serve.deployment.max_replicas_per_node=101"),
+        ("serve.versions=[{ref: v1, role: stable, weight: 100, deployment: {max_replicas_per_node: 0}}]",
+         "serve.versions[0].deployment.max_replicas_per_node=0"),
     ],
 )
 def test_semantic_errors_name_the_key(override: str, key: str) -> None:
@@ -115,3 +123,37 @@ def test_unknown_mode_lists_the_modes() -> None:
     proc = run_cli("+mode=bogus")
     assert proc.returncode != 0
     assert "bogus" in proc.stderr and "data" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("arg", "needle"),
+    [
+        ("serve.batchin.max_batch_size=8", "serve.batchin"),  # misspelt group, closed schema
+        ("+serve.versions.0.deployment.max_replica=3", "serve.versions[0].deployment.max_replica"),
+        ("+serve.versions.0.deployment.num_cpus=lots", "serve.versions[0].deployment.num_cpus"),
+        ("serve.inputs.max_pixel=10", "serve.inputs.max_pixel"),
+        ("serve.inputs.formats=[]", "serve.inputs.formats"),
+        ("serve.inputs.formats=[JPEG,FOO]", "serve.inputs.formats=FOO"),
+        ("serve.inputs.url.schemes=[ftp]", "serve.inputs.url.schemes"),
+        ("serve.inputs.url.allowed_hosts=[http://cdn.example/x]", "serve.inputs.url.allowed_hosts"),
+        ("serve.deployment.max_ongoing_requests=8", "serve.deployment.max_ongoing_requests"),
+        ("serve.ingress_replicas=2", "serve.ingress_replicas"),  # replaced by serve.ingress.*
+    ],
+)
+def test_a_bad_serve_key_fails_before_ray_with_the_key_named(arg: str, needle: str) -> None:
+    """Checked by the CLI's compose step, which runs before any Ray work: one line, exit 2."""
+    proc = run_cli("+mode=serve", arg, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_a_version_override_merges_onto_the_deployment_defaults() -> None:
+    from omegaconf import OmegaConf
+
+    from mlplatform.config.schema import ServeDeploymentConf
+
+    cfg = compose("+serve.versions.0.deployment.max_replicas=5")
+    merged = OmegaConf.merge(OmegaConf.structured(ServeDeploymentConf), cfg.serve.deployment,
+                             cfg.serve.versions[0].deployment)
+    assert merged.max_replicas == 5 and merged.min_replicas == cfg.serve.deployment.min_replicas

@@ -212,6 +212,7 @@ def test_cross_split_near_duplicates_fail_the_gate(ray_cluster, tmp_path: Path) 
     with pytest.raises(JobFailed) as info:
         run_data(_folder_cfg(tree, art))
     assert "max_cross_split_duplicates" in str(info.value)
+@pytest.mark.ray
 
 
 def test_synthetic_source_is_generated_once_then_reused(ray_cluster, tmp_path: Path) -> None:
@@ -222,6 +223,7 @@ def test_synthetic_source_is_generated_once_then_reused(ray_cluster, tmp_path: P
     second = run_data(cfg)
     assert marker.stat().st_mtime_ns == stamp and second["snapshot_hash"] == first["snapshot_hash"]
     assert first["num_species"] == cfg.data.synthetic.num_classes
+@pytest.mark.ray
 
 
 def test_cli_data_smoke_end_to_end(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import multiprocessing
 import resource
 import socket
 import struct
@@ -18,6 +19,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
@@ -27,21 +29,36 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from mlplatform.config import ServeInputsConf
-from mlplatform.deployments import inputs
-from mlplatform.deployments.inputs import (
+from mlplatform.deployments import decoding, urlfetch
+from mlplatform.deployments.decoding import InputError, InputLimits
+from mlplatform.deployments.payload import (
     IMAGE_CONTENT_TYPES,
-    InputError,
-    InputLimits,
-    UrlPolicy,
     check_content_type,
-    decode_image,
-    fetch_url,
     parse_base64_image,
 )
+from mlplatform.deployments.urlfetch import UrlPolicy, fetch_url
 from mlplatform.errors import ConfigError
 
+from .conftest import compose
+
 RED, BLUE = (200, 30, 30), (30, 30, 200)
+
+# conf/serve's input settings: a test states only what it changes.
+INPUTS = OmegaConf.to_container(compose().serve.inputs)
+
+
+def make_limits(**overrides) -> InputLimits:
+    return InputLimits.from_dict({**{k: v for k, v in INPUTS.items() if k != "url"}, **overrides})
+
+
+def make_policy(**overrides) -> UrlPolicy:
+    return UrlPolicy.from_dict({**INPUTS["url"], **overrides})
+
+
+def decode_image(data: bytes, limits_: InputLimits | None = None) -> decoding.DecodedImage:
+    return decoding.decode_image(data, limits_ or make_limits())
+
+
 
 
 def _base(w: int = 60, h: int = 40) -> Image.Image:
@@ -122,7 +139,7 @@ CASES = [
 @pytest.mark.parametrize(("name", "make", "fmt", "mode", "colour"), CASES, ids=[c[0] for c in CASES])
 def test_every_still_format_decodes_to_rgb(name, make, fmt, mode, colour) -> None:
     data = make()
-    d = decode_image(data, InputLimits())
+    d = decode_image(data, make_limits())
     assert d.image.mode == "RGB"
     assert (d.width, d.height) == d.image.size == (60, 40)
     assert (d.format, d.mode) == (fmt, mode)
@@ -158,13 +175,13 @@ def test_min_size_is_checked_after_orientation() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     data = _encode(_base(40, 10), "JPEG", exif=exif.tobytes())  # stored 40x10, shown 10x40
-    e = _err(decode_image, data, InputLimits(min_width=16, min_height=8))
+    e = _err(decode_image, data, make_limits(min_width=16, min_height=8))
     assert (e.status, e.code) == (422, "image_too_small")
-    assert decode_image(data, InputLimits(min_width=8, min_height=16)).image.size == (10, 40)
+    assert decode_image(data, make_limits(min_width=8, min_height=16)).image.size == (10, 40)
 
 
 def test_tiny_image_is_422_and_the_boundary_passes() -> None:
-    e = _err(decode_image, _encode(_base(4, 4), "PNG"), InputLimits())
+    e = _err(decode_image, _encode(_base(4, 4), "PNG"), make_limits())
     assert (e.status, e.code) == (422, "image_too_small")
     assert "4x4" in e.message and str(e) == e.message
     assert _err(decode_image, _encode(_base(16, 15), "PNG")).status == 422
@@ -172,13 +189,13 @@ def test_tiny_image_is_422_and_the_boundary_passes() -> None:
 
 
 def test_too_many_bytes_is_413_before_anything_else() -> None:
-    limits = InputLimits(max_bytes=1000)
+    limits = make_limits(max_bytes=1000)
     e = _err(decode_image, b"\x00" * 1001, limits)  # garbage, but the size is checked first
     assert (e.status, e.code) == (413, "too_many_bytes")
     png = _encode(_base(), "PNG")
     assert len(png) < 5000
-    assert _err(decode_image, png, InputLimits(max_bytes=len(png) - 1)).status == 413
-    assert decode_image(png, InputLimits(max_bytes=len(png))).num_bytes == len(png)
+    assert _err(decode_image, png, make_limits(max_bytes=len(png) - 1)).status == 413
+    assert decode_image(png, make_limits(max_bytes=len(png))).num_bytes == len(png)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -206,43 +223,56 @@ def bomb() -> bytes:
     return data
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _decode_peak_mb(data: bytes, limits: InputLimits) -> tuple[int, str, float]:
+    """decode_image with Pillow's pixel guard off, run in a fresh (spawned) process: the
+    InputError's status and code, and how far the process's peak RSS grew meanwhile (MB)."""
+    Image.MAX_IMAGE_PIXELS = None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        decode_image(data, limits)
+        status, code = 200, ""
+    except InputError as e:
+        status, code = e.status, e.code
+    return status, code, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
 def test_decompression_bomb_is_413_without_decoding(bomb: bytes, monkeypatch) -> None:
-    before = _peak_rss_mb()
-    e = _err(decode_image, bomb, InputLimits())
+    e = _err(decode_image, bomb, make_limits())
     assert (e.status, e.code) == (413, "too_many_pixels")
     # Pillow's own, process-global guard switched off: the header check alone must hold.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    e = _err(decode_image, bomb, InputLimits())
+    e = _err(decode_image, bomb, make_limits())
     assert (e.status, e.code) == (413, "too_many_pixels")
     assert "30000x30000" in e.message
-    assert _peak_rss_mb() - before < 200  # decoding would take ~900 MB
+    # Memory in a process of its own: this one's peak RSS already holds what earlier tests
+    # allocated, and a decode that stayed under it would not show.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        status, code, grown_mb = pool.submit(_decode_peak_mb, bomb, make_limits()).result(timeout=120)
+    assert (status, code) == (413, "too_many_pixels")
+    assert grown_mb < 200  # decoding would take ~900 MB
 
 
 def test_pixel_limit_is_ours_not_pillows(monkeypatch) -> None:
     png = _encode(_base(100, 100), "PNG")
-    e = _err(decode_image, png, InputLimits(max_pixels=9999))
+    e = _err(decode_image, png, make_limits(max_pixels=9999))
     assert (e.status, e.code) == (413, "too_many_pixels")
-    assert decode_image(png, InputLimits(max_pixels=10_000)).image.size == (100, 100)
+    assert decode_image(png, make_limits(max_pixels=10_000)).image.size == (100, 100)
     # Pillow's global limit lower than ours: its warning must neither fail nor leak.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert decode_image(png, InputLimits()).image.size == (100, 100)
+        assert decode_image(png, make_limits()).image.size == (100, 100)
     assert Image.MAX_IMAGE_PIXELS == 6000
 
 
 def test_disallowed_formats_are_415() -> None:
-    only = InputLimits(formats=("jpeg", "png"))  # normalised to upper case
+    only = make_limits(formats=("jpeg", "png"))  # normalised to upper case
     assert only.formats == ("JPEG", "PNG")
     for fmt in ("GIF", "WEBP", "BMP", "TIFF"):
         e = _err(decode_image, _encode(_base(), fmt), only)
         assert (e.status, e.code) == (415, "unsupported_format"), fmt
         assert fmt in e.message
-    assert decode_image(_animated("MPO"), InputLimits(formats=("JPEG",))).format == "MPO"
+    assert decode_image(_animated("MPO"), make_limits(formats=("JPEG",))).format == "MPO"
     # Formats Pillow reads that the default list leaves out.
     for fmt in ("TGA", "PCX", "ICO", "PPM"):
         e = _err(decode_image, _encode(_base(), fmt))
@@ -287,17 +317,17 @@ def test_decode_images_keeps_large_pixels_off_the_event_loop(monkeypatch) -> Non
     is decoded; few pixels decode in the loop, many in a worker thread; the answers are
     decode_image's either way."""
     threads: list[int] = []
-    real = inputs.finish_decode
+    real = decoding.finish_decode
 
     def finish(opened, limits=None):
         threads.append(threading.get_ident())
         return real(opened, limits)
 
-    monkeypatch.setattr(inputs, "finish_decode", finish)
+    monkeypatch.setattr(decoding, "finish_decode", finish)
     small, large = _encode(_noise(100, 80), "PNG"), _encode(_noise(700, 500), "JPEG")
 
     async def run(datas, **kw):
-        return threading.get_ident(), await inputs.decode_images(datas, **kw)
+        return threading.get_ident(), await decoding.decode_images(datas, **{"limits": make_limits(), **kw})
 
     loop_thread, out = asyncio.run(run([small, small]))
     assert threads == [loop_thread] * 2
@@ -318,7 +348,7 @@ def test_decode_images_keeps_large_pixels_off_the_event_loop(monkeypatch) -> Non
     assert (info.value.status, threads) == (400, [])
     bomb = _encode(Image.new("RGB", (5000, 5000)), "PNG")
     with pytest.raises(InputError) as info:
-        asyncio.run(run([small, bomb], limits=InputLimits(max_pixels=1_000_000)))
+        asyncio.run(run([small, bomb], limits=make_limits(max_pixels=1_000_000)))
     assert (info.value.status, threads) == (413, [])
     # Pixels that fail to decode in the worker thread are the same 400.
     with pytest.raises(InputError) as info:
@@ -328,7 +358,7 @@ def test_decode_images_keeps_large_pixels_off_the_event_loop(monkeypatch) -> Non
 
 def test_mangled_files_only_ever_raise_input_error() -> None:
     rng = np.random.default_rng(1)
-    limits = InputLimits(max_pixels=1_000_000)
+    limits = make_limits(max_pixels=1_000_000)
     seen: set[int] = set()
     for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"):
         data = _encode(_noise(32, 32), fmt)
@@ -349,23 +379,23 @@ def test_mangled_files_only_ever_raise_input_error() -> None:
 
 
 def test_input_limits_from_config() -> None:
-    node = OmegaConf.structured(ServeInputsConf)  # the real serve.inputs block, url included
-    node.max_pixels = 123_456
-    limits = InputLimits.from_dict(node)
-    assert limits.max_pixels == 123_456 and limits.formats == InputLimits().formats
-    assert InputLimits.from_dict({"formats": ["jpg", "tif"]}).formats == ("JPEG", "TIFF")
+    node = compose("serve.inputs.max_pixels=123456", "serve.inputs.formats=[jpg,tif]").serve.inputs
+    got = InputLimits.from_dict({k: v for k, v in node.items() if k != "url"})
+    assert got.max_pixels == 123_456 and got.formats == ("JPEG", "TIFF")  # normalised
+    assert got.min_width == INPUTS["min_width"]
     with pytest.raises(ConfigError, match="serve.inputs.max_pixel"):
-        InputLimits.from_dict({"max_pixel": 10})
+        InputLimits.from_dict({**INPUTS, "max_pixel": 10})
     with pytest.raises(ConfigError, match="serve.inputs.min_width"):
-        InputLimits.from_dict({"min_width": 0})
-    policy = UrlPolicy.from_dict(node.url)
-    assert policy == UrlPolicy()
-    p = UrlPolicy.from_dict({"enabled": True, "allowed_hosts": ["Images.Example.COM.", ".cdn.example"]})
+        make_limits(min_width=0)
+    with pytest.raises(ConfigError, match=r"serve.inputs.min_height=None: missing"):
+        InputLimits.from_dict({k: v for k, v in INPUTS.items() if k not in ("url", "min_height")})
+    assert UrlPolicy.from_dict(node.url) == make_policy()
+    p = make_policy(enabled=True, allowed_hosts=["Images.Example.COM.", ".cdn.example"])
     assert p.allowed_hosts == ("images.example.com", ".cdn.example")
     with pytest.raises(ConfigError, match="allowed_hosts"):
-        UrlPolicy.from_dict({"allowed_hosts": ["https://images.example.com/"]})
+        make_policy(allowed_hosts=["https://images.example.com/"])
     with pytest.raises(ConfigError, match="schemes"):
-        UrlPolicy.from_dict({"schemes": ["ftp"]})
+        make_policy(schemes=["ftp"])
 
 
 # ----------------------------------------------------------------------------- base64
@@ -564,7 +594,7 @@ def server() -> Iterator[_Server]:
     s.httpd.server_close()
 
 
-LOCAL = UrlPolicy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, timeout_s=3.0)
+LOCAL = make_policy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, timeout_s=3.0)
 
 
 def _fetch(url: str, policy: UrlPolicy, **kw) -> bytes:
@@ -586,7 +616,7 @@ def test_url_fetch_ok(server: _Server) -> None:
 
 
 def test_url_disabled_is_422(server: _Server) -> None:
-    e = _fetch_err(server.url("/img.png"), UrlPolicy(allowed_hosts=("127.0.0.1",), allow_private=True))
+    e = _fetch_err(server.url("/img.png"), make_policy(allowed_hosts=("127.0.0.1",), allow_private=True))
     assert (e.status, e.code) == (422, "url_disabled")
     assert "serve.inputs.url.enabled" in e.message
 
@@ -604,13 +634,13 @@ def test_url_not_allowed(url: str, server: _Server) -> None:
 
 
 def test_empty_allowlist_denies_everything(server: _Server) -> None:
-    e = _fetch_err(server.url("/img.png"), UrlPolicy(enabled=True, allow_private=True))
+    e = _fetch_err(server.url("/img.png"), make_policy(enabled=True, allow_private=True))
     assert (e.status, e.code) == (422, "url_not_allowed")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_loopback_is_refused_unless_allow_private(host: str, server: _Server) -> None:
-    policy = UrlPolicy(enabled=True, allowed_hosts=("127.0.0.1", "localhost"), allow_private=False)
+    policy = make_policy(enabled=True, allowed_hosts=("127.0.0.1", "localhost"), allow_private=False)
     hits = len(server.hits)
     e = _fetch_err(server.url("/img.png", host), policy)
     assert (e.status, e.code) == (422, "url_not_allowed")
@@ -625,16 +655,16 @@ def test_redirect_to_a_host_not_allowed_is_422(server: _Server) -> None:
 
 
 def test_redirect_limit(server: _Server) -> None:
-    policy = UrlPolicy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, max_redirects=3)
+    policy = make_policy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, max_redirects=3)
     assert _fetch(server.url("/chain/3"), policy) == server.png
     e = _fetch_err(server.url("/chain/4"), policy)
     assert (e.status, e.code) == (422, "too_many_redirects")
-    none = UrlPolicy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, max_redirects=0)
+    none = make_policy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, max_redirects=0)
     assert _fetch_err(server.url("/chain/1"), none).status == 422
 
 
 def test_url_body_limit(server: _Server) -> None:
-    policy = UrlPolicy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, max_bytes=1000)
+    policy = make_policy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, max_bytes=1000)
     e = _fetch_err(server.url("/big"), policy)  # declared by Content-Length
     assert (e.status, e.code) == (413, "too_many_bytes")
     e = _fetch_err(server.url("/stream"), policy)  # only visible while streaming
@@ -643,7 +673,7 @@ def test_url_body_limit(server: _Server) -> None:
 
 @pytest.mark.parametrize("path", ["/slow", "/trickle"])
 def test_url_timeout_is_504(path: str, server: _Server) -> None:
-    policy = UrlPolicy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, timeout_s=0.5)
+    policy = make_policy(enabled=True, allowed_hosts=("127.0.0.1",), allow_private=True, timeout_s=0.5)
     t0 = time.monotonic()
     e = _fetch_err(server.url(path), policy)
     assert (e.status, e.code) == (504, "url_timeout")
@@ -675,7 +705,7 @@ def test_upstream_error_and_refused_connection_are_422(server: _Server) -> None:
     ],
 )
 def test_non_public_addresses(addr: str, private: bool) -> None:
-    assert inputs._non_public(addr) is private
+    assert urlfetch._non_public(addr) is private
 
 
 def _stub_dns(monkeypatch, table: dict[str, list[str]]) -> list[str]:
@@ -687,7 +717,7 @@ def _stub_dns(monkeypatch, table: dict[str, list[str]]) -> list[str]:
             raise socket.gaierror(socket.EAI_NONAME, "unknown")
         return table[host]
 
-    monkeypatch.setattr(inputs, "_resolve", resolve)
+    monkeypatch.setattr(urlfetch, "_resolve", resolve)
     return calls
 
 
@@ -700,14 +730,14 @@ def test_connection_is_pinned_to_the_checked_address(monkeypatch) -> None:
         calls.append(host)
         return next(answers)
 
-    monkeypatch.setattr(inputs, "_resolve", resolve)
+    monkeypatch.setattr(urlfetch, "_resolve", resolve)
     seen: list[tuple[str, str, object]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append((request.url.host, request.headers["host"], request.extensions.get("sni_hostname")))
         return httpx.Response(200, content=PNG)
 
-    policy = UrlPolicy(enabled=True, allowed_hosts=(".example.com",))
+    policy = make_policy(enabled=True, allowed_hosts=(".example.com",))
     data = _fetch("https://img.example.com/a.png", policy, transport=httpx.MockTransport(handler))
     assert data == PNG
     assert calls == ["img.example.com"]
@@ -731,7 +761,7 @@ def test_any_private_answer_refuses_and_redirects_are_rechecked(monkeypatch) -> 
         return httpx.Response(200, content=PNG)
 
     transport = httpx.MockTransport(handler)
-    policy = UrlPolicy(enabled=True, allowed_hosts=("public.example", "mixed.example", "internal.example"))
+    policy = make_policy(enabled=True, allowed_hosts=("public.example", "mixed.example", "internal.example"))
     assert _fetch("http://public.example/a.png", policy, transport=transport) == PNG
     e = _fetch_err("http://mixed.example/a.png", policy, transport=transport)
     assert (e.status, e.code) == (422, "url_not_allowed")
@@ -741,16 +771,16 @@ def test_any_private_answer_refuses_and_redirects_are_rechecked(monkeypatch) -> 
     assert seen == ["public.example@93.184.216.34/a.png", "public.example@93.184.216.34/hop"]
     assert calls == ["public.example", "mixed.example", "public.example", "internal.example"]
     e = _fetch_err("http://nowhere.example/a.png",
-                   UrlPolicy(enabled=True, allowed_hosts=("nowhere.example",)), transport=transport)
+                   make_policy(enabled=True, allowed_hosts=("nowhere.example",)), transport=transport)
     assert (e.status, e.code) == (422, "url_fetch_failed")
 
 
 def test_suffix_entries_match_subdomains_only() -> None:
-    allowed = UrlPolicy(allowed_hosts=(".example.com", "exact.org", "::1")).allowed_hosts
-    assert inputs._host_allowed("a.example.com", allowed)
-    assert inputs._host_allowed("a.b.example.com", allowed)
-    assert not inputs._host_allowed("example.com", allowed)
-    assert not inputs._host_allowed("badexample.com", allowed)
-    assert inputs._host_allowed("exact.org", allowed)
-    assert not inputs._host_allowed("sub.exact.org", allowed)
-    assert inputs._host_allowed("::1", allowed)
+    allowed = make_policy(allowed_hosts=(".example.com", "exact.org", "::1")).allowed_hosts
+    assert urlfetch._host_allowed("a.example.com", allowed)
+    assert urlfetch._host_allowed("a.b.example.com", allowed)
+    assert not urlfetch._host_allowed("example.com", allowed)
+    assert not urlfetch._host_allowed("badexample.com", allowed)
+    assert urlfetch._host_allowed("exact.org", allowed)
+    assert not urlfetch._host_allowed("sub.exact.org", allowed)
+    assert urlfetch._host_allowed("::1", allowed)

@@ -369,7 +369,7 @@ def test_build_rejects_inconsistent_arguments():
         build_infer_response("m", "1", None, _probs(1), ["a"], [], label_names=["x"])
 
 
-# ------------------------------------------------------------------ metadata and errors
+# ------------------------------------------------------------------ metadata
 
 
 def test_metadata():
@@ -386,7 +386,18 @@ def test_metadata():
     assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
 
 
-def test_error_body_is_oip_error_json():
-    err = OIPError(422, "nope")
-    assert (err.status, err.message, str(err)) == (422, "nope", "nope")
-    assert json.loads(err.to_json()) == {"error": "nope"}
+def test_error_body_is_the_protocols_on_v2_routes_and_the_contracts_on_rest():
+    """Same status and headers on both; the body is `{"error": "<message>"}` on /v2/...,
+    which tritonclient raises as the message itself."""
+    from mlplatform.deployments.errors import error_response, is_oip_path
+
+    headers = {"Retry-After": "1"}
+    oip = error_response(503, "unavailable", "v1 has no live replica", "rid-1", headers, oip=True)
+    rest = error_response(503, "unavailable", "v1 has no live replica", "rid-1", headers)
+    assert json.loads(oip.body) == {"error": "v1 has no live replica"}
+    assert json.loads(rest.body) == {"error": {"code": "unavailable", "message": "v1 has no live replica"},
+                                     "request_id": "rid-1"}
+    for r in (oip, rest):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert [is_oip_path(p) for p in ("/v2", "/v2/health/ready", "/v2/models/m/infer", "/predict", "/v2x")] == [
+        True, True, True, False, False]

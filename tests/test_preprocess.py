@@ -11,7 +11,8 @@ from PIL import Image
 from mlplatform.data.ingest import inspect_one
 from mlplatform.data.preprocess import PreprocessSpec, decode, preprocess_bytes
 
-SPEC = PreprocessSpec(image_size=32, resize_size=36)
+SPEC = PreprocessSpec(image_size=32, resize_size=36, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                      interpolation="bilinear")
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

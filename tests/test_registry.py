@@ -1,7 +1,6 @@
 """The model registry: immutable numbered versions, atomic allocation and aliases, checksums.
 
-torch is imported inside the tests, not at module level: spawned workers re-import this module,
-and importing torch costs ~1.5 CPU-s per process, which the alias workers do not need.
+torch is imported inside the tests, not at module level: worker processes re-import this module.
 """
 
 from __future__ import annotations
@@ -10,11 +9,11 @@ import json
 import multiprocessing as mp
 import os
 import stat
-import time
 
 import pytest
 
-from mlplatform.registry import ChecksumError, Registry, RegistryError, git_commit
+from mlplatform.registry.mode import git_commit
+from mlplatform.registry.store import ChecksumError, Registry, RegistryError
 
 N_PROCS = 6
 REGS_PER_PROC = 3
@@ -55,13 +54,16 @@ def _alias_worker(root: str, i: int, barrier) -> None:
         reg.set_alias(f"shared-{i % 2}", "v2")
 
 
-SPAWN = mp.get_context("spawn")
+# Separate processes, forked from one server that imported torch and the registry once (a
+# spawned worker would import torch itself: ~1.5 CPU-s each).
+FORKS = mp.get_context("forkserver")
+FORKS.set_forkserver_preload(["torch", "mlplatform.registry"])
 
 
 def _spawn_all(target, *args) -> None:
-    """Start N_PROCS spawned workers `target(*args, i, barrier)`; they all wait at the barrier."""
-    barrier = SPAWN.Barrier(N_PROCS)
-    procs = [SPAWN.Process(target=target, args=(*args, i, barrier)) for i in range(N_PROCS)]
+    """Start N_PROCS worker processes `target(*args, i, barrier)`; they all wait at the barrier."""
+    barrier = FORKS.Barrier(N_PROCS)
+    procs = [FORKS.Process(target=target, args=(*args, i, barrier)) for i in range(N_PROCS)]
     for p in procs:
         p.start()
     for p in procs:
@@ -178,7 +180,7 @@ def test_concurrent_registration_gets_distinct_versions(tmp_path) -> None:
     import torch
 
     root = str(tmp_path)
-    out = SPAWN.Queue()
+    out = FORKS.Queue()
     _spawn_all(_register_worker, root, out)
     total = N_PROCS * REGS_PER_PROC
     results = dict(out.get(timeout=10) for _ in range(total))
@@ -196,7 +198,7 @@ def test_claim_retries_when_another_process_got_there_first(tmp_path, monkeypatc
     """Deterministic twin of the race above: the listing is stale, mkdir must still win."""
     import torch
 
-    import mlplatform.registry as registry_mod
+    import mlplatform.registry.store as registry_mod
 
     reg = Registry(str(tmp_path), "m")
     reg.register({"w": torch.ones(2)}, {"first": True}, files={"note.txt": b"one"})
@@ -338,7 +340,6 @@ def test_verdicts_record_and_latest(tmp_path) -> None:
     paths = []
     for i in range(3):
         paths.append(reg.record_verdict(v1, {"passed": i != 2, "round": i}))
-        time.sleep(0.002)
     assert len(set(paths)) == 3 and all(p.startswith(reg.path(v1, "verdicts")) for p in paths)
     assert sorted(os.listdir(tmp_path / "m" / v1)) == sorted([*before, "verdicts"])
     vs = reg.verdicts(v1)
@@ -366,11 +367,31 @@ def test_lineage_tolerates_missing_keys(tmp_path) -> None:
     assert bare["version"] == v1 and bare["parent"] is None and bare["config_target"] is None
 
 
-def test_git_commit_shape() -> None:
-    c = git_commit()
-    if c is not None:
-        head = c.removesuffix("-dirty")
-        assert len(head) == 40 and all(ch in "0123456789abcdef" for ch in head)
+def test_git_commit_is_head_dirty_when_tracked_files_changed_and_none_outside_git(tmp_path, monkeypatch) -> None:
+    """GIT_DIR and GIT_WORK_TREE point git at a repository made here, wherever this checkout is."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git("init", "-q")
+    (repo / "train.py").write_text("epochs = 1\n")
+    git("add", "train.py")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "HEAD")
+    assert len(head) == 40 and all(ch in "0123456789abcdef" for ch in head)
+    monkeypatch.setenv("GIT_DIR", str(repo / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(repo))
+    assert git_commit() == head
+    (repo / "notes.txt").write_text("untracked files do not make the tree dirty")
+    assert git_commit() == head
+    (repo / "train.py").write_text("epochs = 2\n")
+    assert git_commit() == f"{head}-dirty"
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "nowhere"))  # not a repository
+    assert git_commit() is None
 
 
 def test_uri_root_refuses_concurrent_writes(tmp_path) -> None:

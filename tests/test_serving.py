@@ -18,11 +18,10 @@ from PIL import Image
 
 from mlplatform.data import synthetic
 from mlplatform.errors import ConfigError
-from mlplatform.registry import Registry
 
-from .conftest import compose
+from .conftest import SERVE_PORT, ClosedLoop, accelerator, compose, trained_with_copies, wait_for
 
-PORT = 8765
+PORT = SERVE_PORT
 URL = f"http://127.0.0.1:{PORT}"
 MODEL = "species-classifier"
 
@@ -47,22 +46,14 @@ def _traffic(v1: int, v2: int, shadow: str = "") -> list[str]:
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
     """Train v1, register copies v2 (canary) and v3 (a shadow that always fails), deploy."""
-    from ray import serve
-
-    from mlplatform.deployments.serve_mode import deploy
-    from mlplatform.training.job import run_train
+    from mlplatform.deployments.serve_mode import deploy, undeploy
 
     root = tmp_path_factory.mktemp("serve")
-    run_train(compose("+mode=train", "+experiment=smoke", f"paths.root={root}", "logger=none"))
-    reg = Registry(str(root / "registry"), MODEL)
-    meta = {k: v for k, v in reg.get("v1").items() if k not in ("version", "created", "files", "weights_sha256")}
-    state = reg.load_state_dict("v1")
-    for _ in range(2):
-        reg.register(state, {**meta, "source": "copy-of-v1"})
+    meta = trained_with_copies(root, 2)
     cfg = compose(*_serve_overrides(root, *_traffic(80, 20, shadow="v3"), "serve.chaos_fail_versions=[v3]"))
     summary = deploy(cfg)
     yield {"root": root, "summary": summary, "labels": meta["labels"]}
-    serve.delete(cfg.serve.app_name)
+    undeploy(cfg.serve.app_name)
 
 
 def _jpeg(species: int = 0, index: int = 0, size: int = 48, fmt: str = "JPEG") -> bytes:
@@ -80,6 +71,13 @@ def _assert_error(r: requests.Response, status: int) -> dict:
     body = r.json()
     assert set(body) == {"error", "request_id"} and body["error"]["code"] and body["error"]["message"]
     return body
+
+
+def _assert_oip_error(r: requests.Response, status: int) -> str:
+    """The Open Inference Protocol's error body on /v2/... routes: `{"error": "<message>"}`."""
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str) and r.json()["error"]
+    return r.json()["error"]
 
 
 # ----------------------------------------------------------------------------- routes
@@ -116,9 +114,9 @@ def _request_log(ids: set[str], timeout: float = 10) -> dict[str, dict]:
     """The structured lines of these request ids, from the Ray logs' serve/requests_Ingress_<pid>.jsonl."""
     import glob
 
-    import ray
+    from mlplatform import ray_compat
 
-    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    logs = ray_compat.logs_dir()
     deadline, found = time.time() + timeout, {}
     while time.time() < deadline and len(found) < len(ids):
         for path in glob.glob(f"{logs}/serve/requests_Ingress_*.jsonl"):
@@ -183,6 +181,45 @@ def test_batches_form_under_load_and_resize_live(served) -> None:
                                          "serve.chaos_fail_versions=[v3]")))
 
 
+def test_versions_added_and_retired_under_load_fail_no_request(served) -> None:
+    """A canary and a shadow added, then retired, in place: each version is an application of
+    its own, so the ingress and v1's replica keep running and no request fails."""
+    from mlplatform.deployments.serve_mode import deploy
+
+    class Load(ClosedLoop):
+        def request(self, session, t0: float) -> tuple[int, str]:
+            r = session.post(URL + "/predict", data=img, headers={"content-type": "image/jpeg"}, timeout=30)
+            return r.status_code, r.json().get("version") if r.status_code == 200 else r.text[:200]
+
+    img, load = _jpeg(), Load(4, join_s=30)
+    answers = load.results
+
+    def versions_since(n: int) -> Counter:
+        return Counter(v for status, v in answers[n:] if status == 200)
+
+    try:
+        deploy(compose(*_serve_overrides(served["root"], "serve.versions=[{ref: v1, role: stable, weight: 100}]")))
+        before = {n for n in _model_replicas() if "Ingress" in n or "model-v1" in n}
+        with load:
+            wait_for(lambda: len(answers) >= 20, timeout=60)
+            mark = len(answers)
+            deploy(compose(*_serve_overrides(served["root"], *_traffic(50, 50, shadow="v3"))))
+            wait_for(lambda: versions_since(mark)["v2"] >= 10, timeout=60)
+            deploy(compose(*_serve_overrides(served["root"], "serve.versions=[{ref: v1, role: stable, weight: 100}]")))
+            mark = len(answers)  # answered after the retirement was applied
+            wait_for(lambda: len(answers) >= mark + 20, timeout=60)
+        assert set(versions_since(mark)) == {"v1"}
+        # Retired: their applications are gone when deploy returns, their actors a moment later.
+        wait_for(lambda: not [n for n in _model_replicas() if "model-v2" in n or "model-v3" in n], timeout=30)
+    finally:
+        deploy(compose(*_serve_overrides(served["root"], *_traffic(80, 20, shadow="v3"),
+                                         "serve.chaos_fail_versions=[v3]")))
+    failed = [a for a in answers if a[0] != 200]
+    assert len(answers) > 60 and not failed, (len(answers), failed[:5])
+    # Nothing restarted: the same ingress and v1 replicas answered throughout.
+    assert before <= _model_replicas(), (before, _model_replicas())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status"),
     [
@@ -229,13 +266,15 @@ def test_large_photos_decode_off_the_event_loop_with_the_same_answers(served) ->
     """Above 512x512 pixels the ingress decodes and resizes in a worker thread, and parses
     JSON bodies over 256 KiB there: the answers are those of the extended model offline, in
     REST and OIP, and corrupt input is still a 400."""
+    from mlplatform.deployments.decoding import INLINE_DECODE_PIXELS, InputLimits, decode_image
     from mlplatform.deployments.extended import ExtendedModel
-    from mlplatform.deployments.inputs import INLINE_DECODE_PIXELS, decode_image
 
     big = _jpeg(3, 7, size=900)
     assert 900 * 900 > INLINE_DECODE_PIXELS and len(big) < 300_000
-    offline = ExtendedModel(str(served["root"] / "registry"), MODEL, "v1", device="cpu")
-    want = offline.predict([decode_image(big).image], top_k=3)[0]
+    offline = ExtendedModel(str(served["root"] / "registry"), MODEL, "v1", **accelerator(device="cpu"))
+    inputs = compose().serve.inputs  # what the served app was deployed with
+    limits = InputLimits.from_dict({k: v for k, v in inputs.items() if k != "url"})
+    want = offline.predict([decode_image(big, limits).image], top_k=3)[0]
     for _ in range(3):  # v1 and v2 hold the same weights
         r = _post(data=big, headers={"content-type": "image/jpeg"}, params={"top_k": 3})
         assert r.status_code == 200, r.text
@@ -255,7 +294,7 @@ def test_large_photos_decode_off_the_event_loop_with_the_same_answers(served) ->
     noisy = buf.getvalue()
     b64 = base64.b64encode(noisy).decode()
     assert 256 * 1024 < len(b64) < 400_000
-    want = offline.predict([decode_image(noisy).image], top_k=2)[0]
+    want = offline.predict([decode_image(noisy, limits).image], top_k=2)[0]
     r = _post(json={"image": b64, "top_k": 2})
     assert r.status_code == 200, r.text
     assert [p["label"] for p in r.json()["predictions"]] == want.labels
@@ -322,22 +361,27 @@ def test_weight_change_in_place_drops_no_request(served) -> None:
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(2)
-    changed_at = time.time()
-    deploy(compose(*_serve_overrides(served["root"], *_traffic(100, 0, shadow="v3"),
-                                     "serve.chaos_fail_versions=[v3]")))
-    applied_at = time.time()
-    time.sleep(3)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert results and all(status == 200 for _, status, _ in results), Counter(s for _, s, _ in results)
-    assert any(ts < changed_at for ts, _, _ in results) and any(ts > applied_at for ts, _, _ in results)
-    late = [v for ts, _, v in results if ts > applied_at + 1]
-    assert late and set(late) == {"v1"}  # the new weights hold
-    assert _model_replicas() == before  # no model or ingress replica restarted: the change was in place
-    deploy(compose(*_serve_overrides(served["root"], *_traffic(80, 20, shadow="v3"),
-                                     "serve.chaos_fail_versions=[v3]")))
+    try:
+        wait_for(lambda: len(results) >= 20, 60, message="no answers before the change")
+        changed_at = time.time()
+        deploy(compose(*_serve_overrides(served["root"], *_traffic(100, 0, shadow="v3"),
+                                         "serve.chaos_fail_versions=[v3]")))
+        applied_at = time.time()
+        wait_for(lambda: sum(ts > applied_at + 1 for ts, _, _ in results) >= 20, 60,
+                 message="no answers after the change")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    try:
+        assert results and all(status == 200 for _, status, _ in results), Counter(s for _, s, _ in results)
+        assert any(ts < changed_at for ts, _, _ in results) and any(ts > applied_at for ts, _, _ in results)
+        late = [v for ts, _, v in results if ts > applied_at + 1]
+        assert late and set(late) == {"v1"}  # the new weights hold
+        assert _model_replicas() == before  # no model or ingress replica restarted: the change was in place
+    finally:
+        deploy(compose(*_serve_overrides(served["root"], *_traffic(80, 20, shadow="v3"),
+                                         "serve.chaos_fail_versions=[v3]")))
 
 
 def test_invalid_traffic_configs_fail_before_deploying(served) -> None:
@@ -360,7 +404,7 @@ def test_health_and_readiness(served) -> None:
     assert requests.get(URL + "/v2/health/ready", timeout=10).json() == {"ready": True}
     assert requests.get(f"{URL}/v2/models/{MODEL}/ready", timeout=10).status_code == 200
     assert requests.get(f"{URL}/v2/models/{MODEL}/versions/v2/ready", timeout=10).status_code == 200
-    _assert_error(requests.get(f"{URL}/v2/models/nope/ready", timeout=10), 404)
+    _assert_oip_error(requests.get(f"{URL}/v2/models/nope/ready", timeout=10), 404)
     meta = requests.get(f"{URL}/v2/models/{MODEL}", timeout=10).json()
     assert meta["name"] == MODEL and meta["inputs"][0]["name"] == "image"
     assert requests.get(URL + "/docs", timeout=10).status_code == 200
@@ -390,11 +434,40 @@ def test_oip_with_tritonclient(served, binary: bool) -> None:
     assert pinned.get_response()["model_version"] == "v2"
 
 
-def test_oip_errors_are_json(served) -> None:
-    _assert_error(requests.post(f"{URL}/v2/models/{MODEL}/infer", data=b"{bad", timeout=10), 400)
-    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
-    _assert_error(requests.post(f"{URL}/v2/models/{MODEL}/infer", json=body, timeout=10), 422)
-    _assert_error(requests.post(f"{URL}/v2/models/{MODEL}/versions/v9/infer", json=body, timeout=10), 404)
+def test_oip_errors_are_the_codecs_through_both_infer_routes(served) -> None:
+    """What the OIP codec refuses (tests/test_oip.py) reaches the client through the real
+    routes, the plain and the version-pinned one: the codec's status and message in the JSON
+    error body, and the status in tritonclient's exception. Unknown versions are 404."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from mlplatform.deployments.oip import HEADER_LENGTH, OIPError, parse_infer_request
+
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(_jpeg()).decode()]}
+    inp = httpclient.InferInput("image", [2], "BYTES")
+    inp.set_data_from_numpy(np.array([_jpeg(1), _jpeg(2)], dtype=np.object_), binary_data=True)
+    binary, json_size = httpclient.InferenceServerClient.generate_request_body([inp])
+    cases = [
+        (b"{bad", {}),
+        (json.dumps({"inputs": [{**tensor, "datatype": "FP32", "data": [1.0]}]}).encode(), {}),
+        (json.dumps({"inputs": [{**tensor, "shape": [2]}]}).encode(), {}),
+        (json.dumps({"inputs": [{**tensor, "data": ["not base64!"]}]}).encode(), {}),
+        (json.dumps({"inputs": [tensor], "outputs": [{"name": "logits"}]}).encode(), {}),
+        (binary[:-1], {HEADER_LENGTH: str(json_size)}),  # the last image cut short
+    ]
+    for path in (f"/v2/models/{MODEL}/infer", f"/v2/models/{MODEL}/versions/v2/infer"):
+        for body, headers in cases:
+            with pytest.raises(OIPError) as want:
+                parse_infer_request(body, headers)
+            r = requests.post(URL + path, data=body, headers=headers, timeout=10)
+            assert _assert_oip_error(r, want.value.status) == want.value.message, (path, body[:100])
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{PORT}")
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(MODEL, [inp], outputs=[httpclient.InferRequestedOutput("logits")])
+    assert info.value.status() == "422" and info.value.message().startswith("unknown output 'logits'")
+    body = {"inputs": [tensor]}
+    _assert_oip_error(requests.post(f"{URL}/v2/models/{MODEL}/versions/v9/infer", json=body, timeout=10), 404)
+    _assert_oip_error(requests.post(f"{URL}/v2/models/nope/infer", json=body, timeout=10), 404)
 
 
 def test_serve_config_never_serves_a_tampered_version(served, tmp_path: Path) -> None:
@@ -430,14 +503,19 @@ def test_deploy_writes_a_serve_config_ray_accepts_and_a_rayservice(served, tmp_p
     from mlplatform.deployments.manifests import run_deploy
 
     cfg = compose(*_serve_overrides(served["root"], *_traffic(90, 10, shadow="v3"),
-                                    "serve.deployment.num_gpus=0.5", f"deploy.out_dir={tmp_path}"))
+                                    "serve.deployment.num_gpus=0.5", f"deploy.out_dir={tmp_path}",
+                                    "serve.auth.required=false"))
     out = run_deploy(cfg)
     config = yaml.safe_load(Path(out["serve_config"]).read_text())
     parsed = ServeDeploySchema.model_validate(config)  # Ray's own schema
     app = parsed.applications[0]
     assert app.import_path == "mlplatform.deployments.app:build_app"
-    by_name = {d.name: d.model_dump(exclude_unset=True) for d in app.deployments}
-    assert set(by_name) == {"Ingress", "model-v1", "model-v2", "model-v3"}
+    # One application per version beside the ingress's: adding or retiring one restarts none.
+    assert [(a.name, a.route_prefix) for a in parsed.applications[1:]] == [
+        (f"{app.name}-{v}", None) for v in ("v1", "v2", "v3")]
+    by_name = {d.name: d.model_dump(exclude_unset=True) for a in parsed.applications for d in a.deployments}
+    assert set(by_name) == {"Ingress", "DriftMonitor", "model-v1", "model-v2", "model-v3"}
+    assert by_name["DriftMonitor"]["user_config"] == {"versions": ["v1", "v2", "v3"]}
     assert by_name["Ingress"]["user_config"]["routes"][1] == {"version": "v2", "role": "canary", "weight": 10}
     assert by_name["model-v1"]["ray_actor_options"]["num_gpus"] == 0.5
     assert by_name["model-v1"]["autoscaling_config"]["max_replicas"] == 1
@@ -450,9 +528,9 @@ def test_deploy_writes_a_serve_config_ray_accepts_and_a_rayservice(served, tmp_p
     for container in (head, worker):  # Serve's high-throughput mode, read at process start
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    docker = Path(out["dockerfile"]).read_text()
-    assert docker.startswith("# Generated") and "FROM rayproject/ray:2.60.0-py311-gpu" in docker
-    assert "-c constraints.txt" in docker and "RAY_SERVE_ENABLE_HA_PROXY=1" in docker
+    # The image (the repository's Dockerfile, tests/test_deploy.py) FROM Ray's GPU image.
+    assert "--build-arg BASE_IMAGE=rayproject/ray:2.60.0-py311-gpu" in out["docker_build"]
+    assert worker["image"] == head["image"] == cfg.deploy.image
 
 
 def test_timeouts_give_504_and_backpressure_503_with_retry_after(served) -> None:
@@ -559,7 +637,7 @@ def test_version_batcher_splits_drops_and_fails_whole_batches(ray_cluster) -> No
 
     from ray import serve
 
-    from mlplatform.deployments.app import VersionBatcher
+    from mlplatform.deployments.batcher import VersionBatcher
 
     @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
     class Echo:

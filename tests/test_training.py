@@ -12,11 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mlplatform.registry import Registry
+from mlplatform.registry.store import Registry
 from mlplatform.tracking import read_offline_run
 from mlplatform.training.gate import judge
 
-from .conftest import compose, run_cli
+from .conftest import accelerator, compose, run_cli
 
 CHANCE = 1 / 8  # the smoke experiment has 8 species
 
@@ -32,6 +32,7 @@ def trained(tmp_path_factory) -> tuple[Path, dict]:
 
 def _registry(root: Path) -> Registry:
     return Registry(str(root / "registry"), "species-classifier")
+@pytest.mark.ray
 
 
 def test_cli_train_registers_v1_with_metrics_gate_and_card(trained) -> None:
@@ -46,6 +47,7 @@ def test_cli_train_registers_v1_with_metrics_gate_and_card(trained) -> None:
     for section in ("Intended use", "Out-of-scope", "Training data", "Worst species", "Calibration",
                     "Promotion gate", "Known limitations", "# Model card: species-classifier v1"):
         assert section in card, section
+@pytest.mark.ray
 
 
 def test_version_holds_weights_lineage_and_reference(trained) -> None:
@@ -67,6 +69,7 @@ def test_version_holds_weights_lineage_and_reference(trained) -> None:
     assert abs(ref["predicted_class_frequencies"].sum() - 1) < 1e-6
     state = reg.load_state_dict("production")
     assert any(k.startswith("head.") for k in state)
+@pytest.mark.ray
 
 
 def test_offline_wandb_run_holds_the_metrics(trained) -> None:
@@ -78,6 +81,7 @@ def test_offline_wandb_run_holds_the_metrics(trained) -> None:
     assert len(epochs) == summary["epochs_run"]
     assert any(abs(h.get("test/acc", -1) - summary["metrics"]["test/acc"]) < 1e-6 for h in rec["history"])
     assert rec["record_counts"].get("artifact") == 1  # the model
+@pytest.mark.ray
 
 
 def test_second_run_is_judged_against_production(ray_cluster, trained) -> None:
@@ -92,10 +96,12 @@ def test_second_run_is_judged_against_production(ray_cluster, trained) -> None:
     assert out["aliases"]["production"] == "v1"
     reg = _registry(root)
     assert reg.get("v2")["parent"] == "v1" and reg.latest_verdict("v2")["verdict"] == "rejected"
+@pytest.mark.ray
 
 
 def test_registry_evaluate_and_promote_modes(ray_cluster, trained) -> None:
-    from mlplatform.training.evaluate import run_evaluate, run_promote, run_registry
+    from mlplatform.registry.mode import run_registry
+    from mlplatform.training.evaluate import run_evaluate, run_promote
 
     root, _ = trained
     listing = run_registry(compose("+mode=registry", f"paths.root={root}"))
@@ -131,6 +137,7 @@ def test_gate_blesses_and_rejects_on_crafted_metrics() -> None:
     assert not flat["blessed"] and any("gain" in r for r in flat["reasons"])
     dropped = judge(summary(0.80, {"a": 0.95, "b": 0.55}), prod, gate)
     assert not dropped["blessed"] and any("(b)" in r for r in dropped["reasons"])
+@pytest.mark.ray
 
 
 def test_two_workers_ddp_over_gloo(ray_cluster, tmp_path: Path) -> None:
@@ -146,6 +153,7 @@ def test_two_workers_ddp_over_gloo(ray_cluster, tmp_path: Path) -> None:
     # Each epoch saw the whole training split, half on each worker (all-reduced counts).
     assert all(h["train/images"] == history[0]["train/images"] for h in history)
     assert out["metrics"]["test/acc"] > 2.5 * CHANCE
+@pytest.mark.ray
 
 
 def test_resumes_from_checkpoint_after_worker_dies(ray_cluster, tmp_path: Path) -> None:
@@ -162,6 +170,7 @@ def test_resumes_from_checkpoint_after_worker_dies(ray_cluster, tmp_path: Path) 
     history = _registry(tmp_path).get(out["version"])["history"]
     assert [h["epoch"] for h in history] == list(range(8))
     assert glob.glob(str(tmp_path / "ray_results" / out["run"] / "chaos" / "chaos-killed-epoch-2"))
+@pytest.mark.ray
 
 
 def test_failure_beyond_max_failures_is_a_clean_job_failure(ray_cluster, tmp_path: Path) -> None:
@@ -176,6 +185,7 @@ def test_failure_beyond_max_failures_is_a_clean_job_failure(ray_cluster, tmp_pat
     assert not (tmp_path / "registry" / "species-classifier" / "v1" / "version.json").exists()
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_tune_two_trials_registers_the_best(ray_cluster, tmp_path: Path) -> None:
     from mlplatform.training.tune import run_tune
@@ -188,6 +198,7 @@ def test_tune_two_trials_registers_the_best(ray_cluster, tmp_path: Path) -> None
     meta = _registry(tmp_path).get("v1")
     assert meta["source"] == "tune" and meta["tune_best_config"] == out["best_config"]
     assert meta["history"][-1]["val/acc"] == pytest.approx(max(finished))  # the best finished trial
+@pytest.mark.ray
 
 
 def test_offline_predict_writes_parquet_with_the_extended_model(ray_cluster, trained, tmp_path: Path) -> None:
@@ -213,11 +224,12 @@ def test_offline_predict_writes_parquet_with_the_extended_model(ray_cluster, tra
     from mlplatform.data.preprocess import decode
     from mlplatform.deployments.extended import ExtendedModel
 
-    model = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"])
+    model = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"], **accelerator())
     direct = [p.labels[0] for p in model.predict([decode(Path(x).read_bytes()) for x in good["path"]], 1)]
     assert list(good["top1"]) == direct
     truth = good["path"].map(lambda p: Path(p).name.split("__")[0])
     assert (good["top1"] == truth).mean() > 1.5 * CHANCE
+@pytest.mark.ray
 
 
 def test_inference_optimizations_keep_the_answers(trained) -> None:
@@ -226,9 +238,10 @@ def test_inference_optimizations_keep_the_answers(trained) -> None:
     from mlplatform.deployments.extended import ExtendedModel
 
     root, summary = trained
-    plain = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"], device="cpu",
-                          channels_last=False, fuse=False)
-    fast = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"], device="cpu")
+    plain = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"],
+                          **accelerator(device="cpu", channels_last=False, fuse=False))
+    fast = ExtendedModel(str(root / "registry"), "species-classifier", summary["version"],
+                         **accelerator(device="cpu"))
     assert fast.channels_last and not plain.channels_last
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules()) > 0
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules()) == 0  # folded
@@ -319,8 +332,8 @@ def test_extended_model_tunes_a_torchvision_body_without_changing_answers(tmp_pa
                                  "weights_path": None}}}
     version = Registry(str(tmp_path), "m").register(model.state_dict(), meta)
     monkeypatch.setattr(extended, "tune_pointwise_convs", partial(extended.tune_pointwise_convs, margin=1e9))
-    plain = extended.ExtendedModel(str(tmp_path), "m", version, device="cpu", autotune=False)
-    tuned = extended.ExtendedModel(str(tmp_path), "m", version, device="cpu")
+    plain = extended.ExtendedModel(str(tmp_path), "m", version, **accelerator(device="cpu", autotune=False))
+    tuned = extended.ExtendedModel(str(tmp_path), "m", version, **accelerator(device="cpu"))
     swapped = [m for m in tuned.model.modules() if isinstance(m, extended.PointwiseConv)]
     assert plain.tuned == {} and len(tuned.tuned) == len(swapped) > 20
     images = [synthetic.render(s, i, 96) for s in range(5) for i in range(3)]
@@ -330,7 +343,7 @@ def test_extended_model_tunes_a_torchvision_body_without_changing_answers(tmp_pa
             np.testing.assert_allclose(np.stack([getattr(p, key) for p in p0]),
                                        np.stack([getattr(p, key) for p in p1]), rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(torch, "compile", lambda fn: fn)  # only the tuning decision is under test
-    assert extended.ExtendedModel(str(tmp_path), "m", version, device="cpu", compile=True).tuned == {}
+    assert extended.ExtendedModel(str(tmp_path), "m", version, **accelerator(device="cpu", compile=True)).tuned == {}
 
 
 def test_half_precision_folds_batchnorm_in_float32_before_the_cast() -> None:

@@ -7,57 +7,26 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import ray
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from mlplatform import storage
 from mlplatform.config import parse_since
-from mlplatform.data import ingest, quality, snapshot, synthetic
-from mlplatform.errors import ConfigError, JobFailed
+from mlplatform.data import ingest, quality, snapshot
+from mlplatform.data.captured import captured_summary, materialize_captured
+from mlplatform.data.generate import materialize_synthetic
+from mlplatform.errors import JobFailed
 
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=1)
-def _write_species_task(root: str, species: int, name: str, images_per_class: int, image_size: int,
-                        seed: int, drift_kinds: list[str], drift_strength: float) -> int:
-    return synthetic.write_species(root, species, name, images_per_class, image_size, seed,
-                                   drift_kinds, drift_strength)
-
-
 def materialize(data: DictConfig) -> str:
-    """The ImageFolder root to read; for `source=synthetic` generate it first (once per parameters)."""
-    root = storage.resolve_root(data.root)
+    """The ImageFolder root to read: for `source=synthetic` generated first (once per
+    parameters), for `source=captured` assembled from capture."""
     if data.source == "captured":
-        from mlplatform.data.captured import materialize_captured
-
         return materialize_captured(data)
-    if data.source != "synthetic":
-        return root
-    syn = data.synthetic
-    kinds = list(syn.drift.kinds)
-    fingerprint = synthetic.params_fingerprint(syn.num_classes, syn.images_per_class, syn.image_size,
-                                               syn.seed, kinds, syn.drift.strength)
-    marker = storage.join(root, "_SYNTHETIC.json")
-    if storage.exists(marker):
-        if storage.read_json(marker).get("fingerprint") == fingerprint:
-            log.info("synthetic dataset already at %s", root)
-            return root
-        raise ConfigError("data.root", data.root,
-                          "holds a synthetic dataset made with other parameters; choose another root")
-    names = synthetic.species_names(syn.num_classes)
-    log.info("generating %d species x %d images (%dpx) into %s", syn.num_classes, syn.images_per_class,
-             syn.image_size, root)
-    pending = [_write_species_task.remote(root, i, name, syn.images_per_class, syn.image_size, syn.seed,
-                                          kinds, syn.drift.strength) for i, name in enumerate(names)]
-    with tqdm(total=syn.num_classes * syn.images_per_class, desc="synthetic species", unit="img") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(sum(ray.get(done)))
-    storage.write_json(marker, {"fingerprint": fingerprint, "species": names,
-                                "params": OmegaConf.to_container(syn, resolve=True)})
-    return root
+    if data.source == "synthetic":
+        return materialize_synthetic(data)
+    return storage.resolve_root(data.root)
 
 
 def _load_assignments(path: str) -> dict[str, str]:
@@ -95,6 +64,7 @@ def run_data(cfg: DictConfig) -> dict[str, Any]:
         "gates_passed": passed,
         "preprocess": OmegaConf.to_container(data.preprocess, resolve=True),
         "data_config": OmegaConf.to_container(data, resolve=True),
+        "captured": captured_summary(data_root) if data.source == "captured" else None,
     })
     report_paths = quality.write(snapshot_dir, report, gates, digest[:12])
 
@@ -115,6 +85,8 @@ def run_data(cfg: DictConfig) -> dict[str, Any]:
         "gates_passed": passed,
         "seconds": round(time.time() - started, 2),
     }
+    if data.source == "captured":  # how many labels it used, from which keys (trusted or not)
+        summary["captured"] = captured_summary(data_root)
     if not passed:
         failed = [f"{g['gate']}: {g['message']}" for g in gates if not g["passed"]]
         raise JobFailed("data quality gates failed: " + "; ".join(failed), summary)

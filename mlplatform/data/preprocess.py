@@ -19,11 +19,12 @@ _INTERP = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Imag
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    image_size: int = 64
-    resize_size: int = 64
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
+    # Values come from data.preprocess (saved with each registered version).
+    image_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
     labels: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from mlplatform.data.preprocess import PreprocessSpec, normalize_torch, to_uint8
-from mlplatform.registry import Registry
+from mlplatform.registry.store import Registry
 from mlplatform.training import metrics as M
 
 log = logging.getLogger(__name__)
@@ -188,9 +188,9 @@ class BatchPrediction:
 class ExtendedModel:
     """A registry version, loaded once (checksum verified), ready for batched prediction."""
 
-    def __init__(self, registry_root: str, model_name: str, version: str, device: str = "auto",
-                 half: bool = False, channels_last: bool = True, compile: bool = False,
-                 fuse: bool = True, threads: int = 0, autotune: bool = True) -> None:
+    def __init__(self, registry_root: str, model_name: str, version: str, *, device: str, half: bool,
+                 channels_last: bool, compile: bool, fuse: bool, threads: int, autotune: bool) -> None:
+        """The keyword arguments are serve.accelerator's keys (conf/serve)."""
         from mlplatform.models.load import load_model
 
         if threads > 0:  # intra-op threads of this process (Ray's default: one per CPU reserved)

@@ -1,5 +1,8 @@
 """Open Inference Protocol v2 (KServe / Triton) codec for the image classifier: no web framework, no Ray.
 
+(Over 400 lines on purpose: one protocol's request and response codec, both encodings, read
+top to bottom against the spec; the ingress only calls `parse_infer_request` and `build_infer_response`.)
+
 The model contract:
 
 - one input, ``image``, datatype ``BYTES``, shape ``[N]`` (``[N, 1]`` accepted); each element is

@@ -12,23 +12,25 @@ from typing import Any
 
 import numpy as np
 import ray
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlplatform import storage
 from mlplatform.errors import ConfigError
 
 
 class _Predictor:
-    def __init__(self, registry_root: str, model_name: str, version: str, top_k: int, limits: dict) -> None:
+    def __init__(self, registry_root: str, model_name: str, version: str, top_k: int, limits: dict,
+                 accelerator: dict) -> None:
+        from mlplatform.deployments.decoding import InputLimits
         from mlplatform.deployments.extended import ExtendedModel
-        from mlplatform.deployments.inputs import InputLimits
 
-        self.model = ExtendedModel(registry_root, model_name, version, device="auto")
+        # The serving model's settings (conf/serve accelerator): offline answers equal online ones.
+        self.model = ExtendedModel(registry_root, model_name, version, **accelerator)
         self.top_k = top_k
         self.limits = InputLimits.from_dict(limits)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mlplatform.deployments.inputs import InputError, decode_image
+        from mlplatform.deployments.decoding import InputError, decode_image
 
         images, ok, errors = [], [], []
         for path in batch["path"]:
@@ -61,7 +63,7 @@ def _inputs(source: str) -> list[str]:
 
 
 def run_predict(cfg: DictConfig) -> dict[str, Any]:
-    from mlplatform.registry import Registry, RegistryError
+    from mlplatform.registry.store import Registry, RegistryError
 
     p = cfg.predict
     if not p.input:
@@ -82,7 +84,8 @@ def run_predict(cfg: DictConfig) -> dict[str, Any]:
         storage.resolve_root(cfg.paths.root), "predictions", f"{version}-{int(started)}")
     ds = ray.data.from_items([{"path": x} for x in paths])
     ds = ds.map_batches(_Predictor, fn_constructor_args=(reg.root, reg.model_name, version, p.top_k,
-                                                         dict(cfg.serve.inputs)),
+                                                         OmegaConf.to_container(cfg.serve.inputs),
+                                                         OmegaConf.to_container(cfg.serve.accelerator)),
                         batch_size=p.batch_size, batch_format="numpy", num_cpus=p.num_cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=p.concurrency))
     ds.write_parquet(out)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
+
+from mlplatform.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,22 @@ class TinyBody(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
+class WeightsMismatch(ConfigError):
+    """`model.weights_path` names a file none of whose tensors fit the model."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__("model.weights_path", path, reason)
+
+    def __reduce__(self) -> tuple:  # crosses Ray's process boundary whole, not as a bare message
+        return type(self), (self.value, self.reason)
+
+
 def _load_weights(model: nn.Module, weights_path: str) -> None:
-    """Local pretrained weights only (nothing is downloaded); a mismatched head is skipped."""
+    """Local pretrained weights only (nothing is downloaded); a mismatched head is skipped.
+
+    A file that fits no tensor would leave the model as initialised while the config claims
+    pretrained weights: that is an error. A partial fit is normal (a new head) and is logged.
+    """
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"model.weights_path={weights_path}: file does not exist")
     if weights_path.endswith(".safetensors"):
@@ -61,12 +78,41 @@ def _load_weights(model: nn.Module, weights_path: str) -> None:
         state = load_file(weights_path)
     else:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise WeightsMismatch(weights_path, f"holds a {type(state).__name__}, not a state dict of tensors")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(set(state) - set(usable))
+    if not usable:
+        raise WeightsMismatch(weights_path, f"matches none of the model's {len(own)} tensors "
+                                            f"(the file holds {len(state)}, e.g. {sorted(state)[:3]}; "
+                                            f"the model expects e.g. {list(own)[:3]})")
+    unknown = sorted(k for k in state if k not in own)
+    reshaped = sorted(f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
+                      for k in state if k in own and k not in usable)
+    untouched = sorted(k for k in own if k not in usable)
     model.load_state_dict(usable, strict=False)
-    log.info("loaded %d tensors from %s (skipped %d: %s)", len(usable), weights_path, len(skipped),
-             skipped[:5])
+    if unknown or reshaped or untouched:
+        log.warning("model.weights_path=%s: loaded %d of the model's %d tensors; not in the model: %d %s; "
+                    "shape differs: %d %s; left as initialised: %d %s", weights_path, len(usable), len(own),
+                    len(unknown), unknown[:5], len(reshaped), reshaped[:5], len(untouched), untouched[:5])
+    else:
+        log.info("model.weights_path=%s: loaded all %d tensors", weights_path, len(usable))
+
+
+def check_weights(model_cfg: Any, num_classes: int) -> None:
+    """Build the model once where the job starts, when it loads a weights file: a file that
+    fits no tensor then fails as one line naming model.weights_path, not inside every Ray
+    Train worker and again on each of its retries."""
+    if model_cfg.get("weights_path"):
+        from hydra.errors import InstantiationException
+        from hydra.utils import instantiate
+
+        try:
+            instantiate(model_cfg, num_classes=num_classes)
+        except InstantiationException as exc:  # Hydra wraps what the builder raised
+            if isinstance(exc.__cause__, ConfigError):
+                raise exc.__cause__ from None
+            raise
 
 
 def tiny_cnn(num_classes: int, width: int = 32, weights_path: str | None = None) -> Classifier:

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from mlplatform.data.preprocess import PreprocessSpec
 from mlplatform.models import Classifier
-from mlplatform.registry import Registry
+from mlplatform.registry.store import Registry
 
 
 def load_model(reg: Registry, ref: str) -> tuple[Classifier, PreprocessSpec, dict[str, Any]]:

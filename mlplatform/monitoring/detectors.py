@@ -94,7 +94,7 @@ class AlibiMMD(_Base):
     """Maximum mean discrepancy on embeddings, permutation test. Cost grows with
     (n_ref + n)^2: the kernel matrix over reference and window."""
 
-    def __init__(self, name: str | None = None, p_val: float = 0.05, n_permutations: int = 100,
+    def __init__(self, *, n_permutations: int, name: str | None = None, p_val: float = 0.05,
                  device: str = "cpu") -> None:
         super().__init__(name or "mmd", p_val)
         self.n_permutations, self.device = int(n_permutations), device
@@ -117,7 +117,7 @@ class AlibiKS(_Base):
     """Kolmogorov-Smirnov per principal component of the embeddings (fitted on the
     reference), Bonferroni-corrected across components."""
 
-    def __init__(self, name: str | None = None, p_val: float = 0.05, n_components: int = 8) -> None:
+    def __init__(self, *, n_components: int, name: str | None = None, p_val: float = 0.05) -> None:
         super().__init__(name or "ks", p_val)
         self.n_components = int(n_components)
 
@@ -174,8 +174,8 @@ class AlibiMMDOnline(_Base):
 
     online = True
 
-    def __init__(self, name: str | None = None, ert: float = 1000, window_size: int = 16,
-                 n_bootstraps: int = 5000, device: str = "cpu") -> None:
+    def __init__(self, *, ert: float, window_size: int, n_bootstraps: int, name: str | None = None,
+                 device: str = "cpu") -> None:
         super().__init__(name or "mmd_online", 0.05)
         self.ert, self.window_size, self.n_bootstraps, self.device = float(ert), int(window_size), \
             int(n_bootstraps), device
@@ -216,7 +216,7 @@ class AlibiMMDOnline(_Base):
 class ScipyKS(_Base):
     """KS per principal component with scipy only: a non-BSL backend with the same interface."""
 
-    def __init__(self, name: str | None = None, p_val: float = 0.05, n_components: int = 8) -> None:
+    def __init__(self, *, n_components: int, name: str | None = None, p_val: float = 0.05) -> None:
         super().__init__(name or "ks_scipy", p_val)
         self.n_components = int(n_components)
 

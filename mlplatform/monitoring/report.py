@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,10 +17,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplatform import storage
+from mlplatform.capture.schema import ANONYMOUS
+from mlplatform.capture.store import CaptureStore
 from mlplatform.config import parse_since
 from mlplatform.monitoring import detectors as D
-from mlplatform.monitoring.capture import CaptureStore
-from mlplatform.monitoring.monitor import VersionMonitor, WindowResult, load_reference, read_alerts
+from mlplatform.monitoring.alerts import read_alerts
+from mlplatform.monitoring.windows import VersionMonitor, WindowResult, load_reference
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +191,8 @@ def run_monitor(cfg: DictConfig) -> dict[str, Any]:
                       f"**{tvd:.3f}**.", "", f"![species {version}](species-{version}.png)", ""]
         summary_versions[version] = {"predictions": len(vrows), "windows": len(windows),
                                      "drift_windows": sum(w.drift for w in windows), "species_tvd": tvd,
-                                     "labelled": len(vlab), "feedback_accuracy": acc}
+                                     "labelled": len(vlab), "feedback_accuracy": acc,
+                                     "labelled_by_key": dict(Counter(r["key_id"] or ANONYMOUS for r in vlab))}
 
     lines += ["## Feedback accuracy", ""]
     series = {v: _accuracy_series([r for r in labelled if r["version"] == v]) for v in versions}
@@ -210,7 +214,10 @@ def run_monitor(cfg: DictConfig) -> dict[str, Any]:
     if alerts:
         lines += ["| time (UTC) | kind | version | detector | detail | action |", "|---|---|---|---|---|---|"]
         for a in alerts:
-            detail = (f"accuracy {a['accuracy']:.3f} < {a['threshold']}" if a["kind"] == "quality" else
+            detail = (a["detail"] if "detail" in a else  # an alert that states its own (gitops_*)
+                      f"accuracy {a['accuracy']:.3f} < {a['threshold']}" if a["kind"] == "quality" else
+                      f"{a['labels']} labels > {a['limit']} in {a['interval_s']:g} s"
+                      if a["kind"] == "feedback_flood" else
                       f"p={a['p_value']:.3g}" if a.get("p_value") is not None else
                       f"{a['distance']:.3g} > {a['threshold']:.3g}")
             lines.append(f"| {_iso(a['ts'])} | {a['kind']} | {a['version']} | {a['detector']} | {detail} | "

@@ -22,7 +22,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlplatform import storage
+from mlplatform import progress, storage
 from mlplatform.errors import JobFailed
 from mlplatform.pipeline.cache import (
     StepCache,
@@ -32,6 +32,7 @@ from mlplatform.pipeline.cache import (
     listing_fingerprint,
 )
 from mlplatform.pipeline.triggers import consume_triggers, pipeline_lock
+from mlplatform.triggers import pending
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Context:
 
 def _snapshot(ctx: Context):
     from mlplatform.data import ingest
+    from mlplatform.data.captured import captured_summary
     from mlplatform.data.job import materialize
 
     data = ctx.cfg.data
@@ -67,7 +69,9 @@ def _snapshot(ctx: Context):
               "files": listing_fingerprint(items), "num_files": len(items)}
     return inputs, lambda: {"data_root": data_root, "num_files": len(items),
                             "captured_files": sum(it["rel"].rsplit("/", 1)[-1].startswith("captured-") for it in items),
-                            "listing": inputs["files"]}
+                            "listing": inputs["files"],
+                            # labels used per key, trusted or kept for review (data=captured)
+                            "captured": captured_summary(data_root) if data.source == "captured" else None}
 
 
 def _validate(ctx: Context):
@@ -115,7 +119,7 @@ def _train(ctx: Context, tune: bool = False):
     step = "tune" if tune else "train"
 
     def compute() -> dict[str, Any]:
-        from mlplatform.training.job import fit, make_trainer, prepare, run_name
+        from mlplatform.training.job import fit_with_progress, prepare, run_name
 
         snap, spec, dsets = prepare(cfg, _snap(ctx))
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -129,12 +133,12 @@ def _train(ctx: Context, tune: bool = False):
             extra = {"tune_run": name, "tune_best_config": payload["overrides"], "num_trials": len(trials)}
         else:
             name = run_name("train")
-            result = fit(make_trainer(cfg, resolved, spec, dsets, name, storage_path), name)
+            result = fit_with_progress(cfg, resolved, spec, dsets, name, storage_path)
             out = result.return_value
             extra = {"ray_train_run": result.path}
         key = digest(inputs)
-        blob = ctx.cache.put_blob(step, key, "trained.pkl", {"out": out, "labels": list(spec.labels),
-                                                             "spec": spec.to_dict()})
+        blob = ctx.cache.put_blob(step, key, "trained", {"out": out, "labels": list(spec.labels),
+                                                         "spec": spec.to_dict()})
         ctx.memo["trained"] = {"out": out, "labels": list(spec.labels), "spec": spec.to_dict()}
         from mlplatform.training import metrics as M
 
@@ -181,8 +185,7 @@ def _slices(ctx: Context) -> dict[str, list[dict[str, Any]]]:
             d = OmegaConf.merge(cfg.data, {"source": "synthetic"})
             n = int(cfg.pipeline.evaluate.drifted_images_per_class)
             d.synthetic.images_per_class = n
-            d.synthetic.drift.kinds = ["brightness", "blur", "noise", "color_cast", "background"]
-            d.synthetic.drift.strength = 0.6
+            d.synthetic.drift = cfg.pipeline.evaluate.drift
             d.root = storage.join(ctx.root, "datasets", f"pipeline-drifted-c{d.synthetic.num_classes}-n{n}-"
                                                         f"s{d.synthetic.image_size}-seed{d.synthetic.seed}")
             root = materialize(d)
@@ -192,7 +195,7 @@ def _slices(ctx: Context) -> dict[str, list[dict[str, Any]]]:
 
 
 def _evaluate(ctx: Context):
-    from mlplatform.training.job import registry_for
+    from mlplatform.registry.mode import registry_for
 
     reg = registry_for(ctx.cfg)
     train_key = ctx.keys.get("train") or ctx.keys.get("tune")
@@ -246,7 +249,8 @@ def _gate(ctx: Context):
 
 
 def _register(ctx: Context):
-    from mlplatform.training.job import register_version, registry_for
+    from mlplatform.registry.mode import registry_for
+    from mlplatform.training.job import register_version
 
     train_key = ctx.keys.get("train") or ctx.keys.get("tune")
     inputs = {"train": train_key, "gate": ctx.keys["gate"]}
@@ -273,7 +277,7 @@ def _register(ctx: Context):
 
 def _propose(ctx: Context):
     from mlplatform.pipeline import gitops
-    from mlplatform.registry import Registry
+    from mlplatform.registry.store import Registry
 
     r = ctx.outputs["register"]
     reg = Registry(storage.resolve_root(ctx.cfg.registry.root), ctx.cfg.registry.model_name)
@@ -281,7 +285,7 @@ def _propose(ctx: Context):
     base_text = gitops.read_serve_file(ctx.cfg)
     inputs = {"version": r["version"], "blessed": r["blessed"], "production": production,
               "serve_file": digest(base_text), "canary_weight": ctx.cfg.pipeline.canary_weight,
-              "gitops": ctx.section("gitops")}
+              "gitops": ctx.section("gitops"), "traffic": list(gitops.serve_traffic(ctx.cfg))}
 
     def compute() -> dict[str, Any]:
         if not r["blessed"]:
@@ -289,20 +293,28 @@ def _propose(ctx: Context):
         if production == r["version"]:
             return {"proposed": False, "reason": f"{r['version']} is the first model: it is production already"}
         w = int(ctx.cfg.pipeline.canary_weight)
-        versions = [{"ref": production, "role": "stable", "weight": 100 - w},
-                    {"ref": r["version"], "role": "canary", "weight": w}]
-        gate = ctx.outputs["gate"]
+        change = gitops.Change("canary", r["version"], w, stable=production)
+        gate, ev = ctx.outputs["gate"], ctx.outputs["evaluate"]
+
+        def acc(m: dict[str, Any] | None, key: str) -> str:
+            return "n/a" if not m or m.get(key) is None else f"{m[key]:.4f}"
+
         evidence = "\n".join([f"Pipeline run `{ctx.run_id}`: {r['version']} {gate['verdict']} against "
-                              f"{production}.", "", "Gate checks:", ""]
-                             + [f"- {c['check']}: {'pass' if c['passed'] else 'FAIL'}: {c['reason']}"
-                                for c in gate["checks"]]
-                             + ["", "Slices (accuracy, candidate vs production):", ""]
-                             + [f"- {name}: {s['candidate']['acc'] if s.get('candidate') else None} vs "
-                                f"{(s.get('production') or {}).get('acc')}" for name, s in gate["slices"].items()]
+                              f"{production}.", "", f"| accuracy | candidate {r['version']} | production {production} |",
+                              "|---|---|---|",
+                              f"| test split | {acc(ev['candidate_test'], 'test/acc')} | {acc(ev['baseline_test'], 'test/acc')} |"]
+                             + [f"| slice {name} | {acc(s.get('candidate'), 'acc')} | {acc(s.get('production'), 'acc')} |"
+                                for name, s in gate["slices"].items()]
+                             + ["", "Gate checks:", "", "| check | result | value | threshold | reason |",
+                                "|---|---|---|---|---|"]
+                             + [f"| {c['check']} | {'pass' if c['passed'] else 'FAIL'} | {c['value']} | {c['threshold']} "
+                                f"| {c['reason']} |" for c in gate["checks"]]
                              + ["", f"Data snapshot {ctx.outputs['validate']['snapshot_id']} "
                                     f"({ctx.outputs['snapshot']['captured_files']} captured images)."])
-        p = gitops.propose(ctx.cfg, versions, f"Canary {r['version']} at {w}% beside {production}", evidence,
-                           f"{r['version']}-canary-{w}")
+        links = {"data report": ctx.outputs["validate"].get("report_md"),
+                 "pipeline run": storage.join(ctx.root, "pipeline", "runs", f"{ctx.run_id}.json")}
+        p = gitops.propose(ctx.cfg, change, f"Canary {r['version']} at {w}% beside {production}", evidence,
+                           f"{r['version']}-canary-{w}", links={k: v for k, v in links.items() if v})
         return {"proposed": True, **p}
     return inputs, compute
 
@@ -319,7 +331,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     ctx = Context(cfg)
     trigger_dir = storage.resolve_root(cfg.pipeline.trigger_dir)
     with pipeline_lock(trigger_dir, ctx.run_id):
-        triggers = consume_triggers(trigger_dir, ctx.run_id)
+        # The triggers this run answers: consumed only once it has finished, so that a failed
+        # run leaves them for the next one.
+        answered = pending(trigger_dir)
+        triggers = [record for _, record in answered]
+        steps = progress.Steps(list(cfg.pipeline.steps))
         for name in cfg.pipeline.steps:
             t0 = time.time()
             inputs, compute = STEPS[name](ctx)
@@ -331,9 +347,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             if cached is not None:
                 outputs, status = cached, "cached"
             else:
+                steps.started(name)
                 try:
                     outputs = compute()
                 except JobFailed as exc:
+                    steps.finished(name, "failed", time.time() - t0)
                     ctx.records.append({"step": name, "status": "failed", "key": key, "error": str(exc)})
                     _write_lineage(ctx, triggers, started, failed=name)
                     exc.summary = {**(exc.summary or {}), "mode": "pipeline", "failed_step": name,
@@ -346,8 +364,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             ctx.outputs[name] = outputs
             ctx.records.append({"step": name, "status": status, "key": key, "seconds": round(time.time() - t0, 2),
                                 "inputs": inputs, "outputs": outputs})
-            log.info("pipeline step %s: %s (%.1f s)", name, status, time.time() - t0)
+            steps.finished(name, status, time.time() - t0)
         lineage = _write_lineage(ctx, triggers, started)
+        consume_triggers(trigger_dir, ctx.run_id, [name for name, _ in answered])
     reg = ctx.outputs.get("register", {})
     prop = ctx.outputs.get("propose", {})
     return {"mode": "pipeline", "run_id": ctx.run_id, "steps": _step_summary(ctx),
@@ -355,6 +374,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             "trained": any(r["status"] == "ran" and r["step"] in ("train", "tune") for r in ctx.records),
             "version": reg.get("version"), "blessed": reg.get("blessed"),
             "proposal": prop.get("serve_file"), "branch": prop.get("branch"),
+            "pull_request": {k: prop.get(k) for k in ("body", "remote", "pushed", "commit", "pr_url", "pr_error", "note")}
+            if prop.get("proposed") else None,
             "proposed": prop.get("proposed"), "triggers": len(triggers), "lineage": lineage,
             "seconds": round(time.time() - started, 1)}
 

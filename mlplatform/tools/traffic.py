@@ -1,5 +1,5 @@
 """Send synthetic species pictures to a running server, optionally drifted, optionally with
-human feedback (the true species), for demos and the README walkthrough.
+human feedback (the true species), for demos and the lifecycle walkthrough (docs/lifecycle.md).
 
     python -m mlplatform.tools.traffic --n 200                      # in-distribution
     python -m mlplatform.tools.traffic --n 200 --drifted --feedback # drifted, labelled

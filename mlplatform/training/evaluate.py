@@ -1,8 +1,7 @@
-"""Evaluate any registered version on any dataset and split; `+mode=evaluate|promote|registry`."""
+"""Evaluate any registered version on any dataset and split; `+mode=evaluate|promote`."""
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +13,8 @@ from mlplatform import storage
 from mlplatform.data import snapshot as snapshots
 from mlplatform.errors import ConfigError, JobFailed
 from mlplatform.models.load import load_model
-from mlplatform.registry import Registry, RegistryError
+from mlplatform.registry.mode import registry_for
+from mlplatform.registry.store import Registry, RegistryError
 from mlplatform.training import datasets
 from mlplatform.training import metrics as M
 from mlplatform.training.evaluation import forward_batches
@@ -42,7 +42,6 @@ def evaluate_version(reg: Registry, ref: str, snap: snapshots.Snapshot, split: s
 
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     from mlplatform.data.job import run_data
-    from mlplatform.training.job import registry_for
 
     reg = registry_for(cfg)
     try:
@@ -77,8 +76,6 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def run_promote(cfg: DictConfig) -> dict[str, Any]:
     """Judge a candidate against production on the candidate's own test split; record the verdict."""
-    from mlplatform.training.job import registry_for
-
     reg = registry_for(cfg)
     versions = reg.versions()
     if not versions:
@@ -107,39 +104,3 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
             "metrics": M.scalar_metrics(cand_eval),
             "baseline_metrics": M.scalar_metrics(base_eval) if base_eval else None}
 
-
-def run_registry(cfg: DictConfig) -> dict[str, Any]:
-    """List versions with key metrics, aliases and lineage; optionally move an alias."""
-    from mlplatform.training.job import registry_for
-
-    reg = registry_for(cfg)
-    changed = None
-    if cfg.registry.set_alias:
-        alias, version = cfg.registry.set_alias.split(":")
-        try:
-            reg.set_alias(alias, reg.resolve(version))
-        except RegistryError as exc:
-            raise ConfigError("registry.set_alias", cfg.registry.set_alias, str(exc)) from None
-        changed = {alias: reg.resolve(version)}
-    aliases = reg.aliases()
-    by_version: dict[str, list[str]] = {}
-    for a, v in aliases.items():
-        by_version.setdefault(v, []).append(a)
-    rows = []
-    for v in reg.versions():
-        meta = reg.get(v)
-        verdict = reg.latest_verdict(v) or {}
-        rows.append({"version": v, "created": meta.get("created"), "aliases": sorted(by_version.get(v, [])),
-                     "test/acc": meta.get("metrics", {}).get("test/acc"),
-                     "test/macro_f1": meta.get("metrics", {}).get("test/macro_f1"),
-                     "gate": verdict.get("verdict"), "lineage": reg.lineage(v)})
-    print(f"{'version':<8} {'aliases':<24} {'test/acc':>9} {'macro_f1':>9} {'gate':<9} {'data':<13} {'parent':<7} created")
-    for r in rows:
-        acc = f"{r['test/acc']:.4f}" if r["test/acc"] is not None else "-"
-        f1 = f"{r['test/macro_f1']:.4f}" if r["test/macro_f1"] is not None else "-"
-        snap = r["lineage"].get("data_snapshot") or {}
-        data = str(snap.get("hash", "-") if isinstance(snap, dict) else snap)[:12]
-        print(f"{r['version']:<8} {','.join(r['aliases']) or '-':<24} {acc:>9} {f1:>9} {str(r['gate']):<9} "
-              f"{data:<13} {str(r['lineage'].get('parent') or '-'):<7} {r['created']}")
-    return {"mode": "registry", "registry": reg.model_dir, "versions": [r["version"] for r in rows],
-            "aliases": aliases, "changed": changed, "rows": json.loads(json.dumps(rows, default=str))}

@@ -19,23 +19,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from ray.train.torch import TorchTrainer
 
-from mlplatform import storage
+from mlplatform import progress, storage
 from mlplatform.data import snapshot as snapshots
 from mlplatform.data.job import run_data
 from mlplatform.data.preprocess import PreprocessSpec
 from mlplatform.errors import JobFailed
-from mlplatform.registry import Registry, RegistryError, git_commit
+from mlplatform.models import check_weights
+from mlplatform.registry.mode import git_commit, registry_for
+from mlplatform.registry.store import RegistryError
 from mlplatform.training import card, datasets
 from mlplatform.training import metrics as M
 from mlplatform.training.evaluate import evaluate_version
 from mlplatform.training.gate import judge
 from mlplatform.training.loop import train_loop_per_worker
+from mlplatform.training.progress import EpochLines
 
 log = logging.getLogger(__name__)
-
-
-def registry_for(cfg: DictConfig) -> Registry:
-    return Registry(storage.resolve_root(cfg.registry.root), cfg.registry.model_name)
 
 
 def prepare(cfg: DictConfig, snap: snapshots.Snapshot | None = None
@@ -43,9 +42,11 @@ def prepare(cfg: DictConfig, snap: snapshots.Snapshot | None = None
     """Run the data job (unless given its snapshot), then decode the splits into Ray Datasets."""
     if snap is None:
         snap = snapshots.load(run_data(cfg)["snapshot_dir"])
-    # Per-epoch progress bars from every worker drown the epoch metrics; W&B and the
-    # JSON summary carry the progress instead.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Bars drawn in every worker and relayed here would drown the epoch lines. Without Ray's
+    # tqdm, a process with no terminal logs its progress instead, which the default log level
+    # keeps in Ray's files (mlplatform.progress); the driver draws bars only on a terminal.
+    # (Turning bars off would make every Ray Data process print a notice that they are off.)
+    ray.data.DataContext.get_current().use_ray_tqdm = False
     spec = PreprocessSpec.from_dict(OmegaConf.to_container(cfg.data.preprocess, resolve=True))
     spec = spec.with_labels(snap.labels)
     bs = cfg.train.eval_batch_size
@@ -63,6 +64,7 @@ def prepare(cfg: DictConfig, snap: snapshots.Snapshot | None = None
         "test": datasets.build(datasets.split_items(snap, "test", snap.labels), spec, bs),
         "reference": datasets.build(ref_items or val_items[:1], spec, bs),
     }
+    check_weights(cfg.model, len(spec.labels))
     return snap, spec, dsets
 
 
@@ -78,11 +80,15 @@ def make_trainer(cfg: DictConfig, resolved: dict[str, Any], spec: PreprocessSpec
         train_loop_per_worker,
         train_loop_config={"cfg": resolved, "labels": list(spec.labels), "spec": spec.to_dict(),
                            "run_id": run_name, "run_name": run_name, "overrides": overrides or {},
-                           "chaos_dir": storage.join(storage_path, run_name, "chaos")},
+                           "chaos_dir": storage.join(storage_path, run_name, "chaos"),
+                           "verbose": progress.verbose()},
         scaling_config=ray.train.ScalingConfig(num_workers=t.scaling.num_workers, use_gpu=t.scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=t.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, callbacks=callbacks or None,
+            # Ray Train's own INFO lines (worker group start, each checkpoint) stay in its log files.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if progress.verbose() else "WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint.num_to_keep,
                                                          checkpoint_score_attribute=t.checkpoint.metric,
                                                          checkpoint_score_order=t.checkpoint.mode),
@@ -112,6 +118,22 @@ def fit(trainer: TorchTrainer, name: str) -> ray.train.Result:
             signal.signal(signal.SIGINT, previous)
     if result.error is not None:
         raise JobFailed(f"training failed: {result.error}", {"mode": "train", "run": name})
+    return result
+
+
+def fit_with_progress(cfg: DictConfig, resolved: dict[str, Any], spec: PreprocessSpec,
+                      dsets: dict[str, ray.data.Dataset], name: str, storage_path: str) -> ray.train.Result:
+    """`fit` from the driver, printing one line per epoch there and one when training ends."""
+    started = time.time()
+    epochs = int(cfg.train.epochs)
+    with EpochLines(epochs) as lines:
+        result = fit(make_trainer(cfg, resolved, spec, dsets, name, storage_path, callbacks=[lines.callback]),
+                     name)
+    out, metric = result.return_value, cfg.train.early_stopping.metric
+    stop = f"early stop after epoch {out['epochs_run']}/{epochs}, " if out.get("early_stopped") else ""
+    best = progress.metrics_text({metric: out.get("best_val")}, (metric,)) or f"{metric} n/a"
+    progress.say(f"trained in {progress.duration(time.time() - started)}: {stop}best {best} "
+                 f"at epoch {out['best_epoch'] + 1}, {progress.metrics_text(out['test'], ('test/acc',))}")
     return result
 
 
@@ -208,8 +230,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     name = run_name("train")
     storage_path = storage.join(storage.resolve_root(cfg.paths.root), "ray_results")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    trainer = make_trainer(cfg, resolved, spec, dsets, name, storage_path)
-    result = fit(trainer, name)
+    result = fit_with_progress(cfg, resolved, spec, dsets, name, storage_path)
     out = result.return_value
     try:
         reg_summary = register_result(cfg, out, snap, spec, source="train",
@@ -218,5 +239,5 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         raise JobFailed(f"registry: {exc}", {"mode": "train", "run": name}) from exc
     return {"mode": "train", "run": name, "ray_train_path": result.path, **reg_summary,
             "epochs_run": out["epochs_run"], "best_epoch": out["best_epoch"],
-            "resumed_from_epoch": out.get("resumed_from_epoch"),
+            "resumed_from_epoch": out.get("resumed_from_epoch"), "worker_nodes": out.get("worker_nodes"),
             "wandb_dir": out.get("wandb_dir"), "seconds": round(time.time() - started, 1)}

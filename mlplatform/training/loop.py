@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from mlplatform import progress
 from mlplatform.data.preprocess import PreprocessSpec, normalize_torch
 from mlplatform.tracking import Tracker
 from mlplatform.training import metrics as M
@@ -56,6 +58,16 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _gather_node_ids() -> list[str]:
+    """The Ray node id of every rank, by rank: where this worker group runs."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [node]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def _better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
@@ -77,6 +89,8 @@ def _maybe_kill(epoch: int, chaos: dict[str, Any], marker_dir: str) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    if not config.get("verbose"):
+        progress.quiet_ray_worker()
     cfg = config["cfg"]
     tcfg = cfg["train"]
     labels: list[str] = config["labels"]
@@ -97,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     model = instantiate(cfg["model"], num_classes=len(labels))
     model = ray.train.torch.prepare_model(model)
+    nodes = _gather_node_ids()
     optimizer = instantiate(tcfg["optimizer"])(params=model.parameters())
     scheduler = instantiate(tcfg["scheduler"])(optimizer=optimizer) if tcfg.get("scheduler") else None
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
@@ -188,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     return _finish(model, best_state, labels, spec, device, dtype, cfg, tracker,
                    {"best_epoch": best_epoch, "epochs_run": epoch + 1, "best_val": best,
                     "early_stopped": epoch + 1 < tcfg["epochs"], "history": history,
-                    "resumed_from_epoch": resumed_from})
+                    "resumed_from_epoch": resumed_from, "worker_nodes": nodes})
 
 
 def _finish(model: torch.nn.Module, best_state: dict[str, torch.Tensor] | None, labels: list[str],

@@ -8,8 +8,6 @@ training run.
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 import time
 from typing import Any
 
@@ -18,10 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mlplatform import storage
+from mlplatform import blobs, progress, storage
 from mlplatform.data.preprocess import PreprocessSpec
 from mlplatform.errors import ConfigError, JobFailed
 from mlplatform.training.job import make_trainer, prepare, register_result, run_name
+from mlplatform.training.progress import TrialLines
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,8 @@ def _trial(config: dict[str, Any], cfg_container: dict[str, Any], spec: Preproce
                            callbacks=[TuneReportCallback()])
     result = trainer.fit()
     out = result.return_value
-    out_path = os.path.join(storage_path, tune_name, "trial-outputs", f"{ctx.get_trial_id()}.pkl")
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "wb") as f:
-        pickle.dump({"out": out, "overrides": config, "ray_train_run": result.path}, f)
+    out_path = storage.join(storage_path, tune_name, "trial-outputs", f"{ctx.get_trial_id()}.npz")
+    blobs.write(out_path, {"out": out, "overrides": config, "ray_train_run": result.path})
     # The final result repeats the last epoch's metrics: Tune checks it holds its metric.
     return {**out["history"][-1], "output": out_path}
 
@@ -102,7 +99,11 @@ def tune_fit(cfg: DictConfig, spec: PreprocessSpec, dsets: dict) -> tuple[dict[s
         tune_config=ray.tune.TuneConfig(metric=tcfg.metric, mode=tcfg.mode, scheduler=scheduler,
                                         num_samples=tcfg.num_samples,
                                         max_concurrent_trials=concurrent),
-        run_config=ray.tune.RunConfig(name=name, storage_path=storage_path),
+        # Tune's status tables stay off the terminal unless asked for: TrialLines prints a line
+        # per trial report instead.
+        run_config=ray.tune.RunConfig(
+            name=name, storage_path=storage_path, verbose=None if progress.verbose() else 0,
+            callbacks=[TrialLines(int(cfg.train.epochs), int(tcfg.num_samples), str(tcfg.metric))]),
     )
     grid = tuner.fit()
     finished = [r for r in grid if r.error is None and r.metrics and "output" in r.metrics]
@@ -111,8 +112,7 @@ def tune_fit(cfg: DictConfig, spec: PreprocessSpec, dsets: dict) -> tuple[dict[s
         raise JobFailed(f"no tune trial finished: {errors[:3]}", {"mode": "tune", "run": name})
     # ASHA-stopped trials never return; rank by the metric their training reached.
     best = max(finished, key=lambda r: r.metrics.get(tcfg.metric, float("-inf")) * (1 if tcfg.mode == "max" else -1))
-    with open(best.metrics["output"], "rb") as f:
-        payload = pickle.load(f)
+    payload = blobs.read(best.metrics["output"])
     trials = [{"trial": r.metrics.get("trial_id"), "config": r.config, "finished": r in finished,
                tcfg.metric: r.metrics.get(tcfg.metric), "error": str(r.error) if r.error else None}
               for r in grid]

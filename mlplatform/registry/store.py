@@ -1,34 +1,4 @@
-"""An immutable, file-based model registry: numbered versions, movable aliases, later verdicts.
-
-Layout under a root (a local path, or a pyarrow.fs URI for reading)::
-
-    <root>/<model_name>/v1/model.safetensors   weights (safetensors: no pickle, safe to load)
-    <root>/<model_name>/v1/<extra files>       model card, plots, reference data, label map...
-    <root>/<model_name>/v1/version.json        written LAST: the commit marker
-    <root>/<model_name>/v1/verdicts/*.json     gate verdicts recorded after the fact (new files only)
-    <root>/<model_name>/aliases.json           {"production": "v3", "candidate": "v4"}
-
-Why it is shaped this way:
-
-* A version never changes once written, so "production = v3" means the same bytes tomorrow as
-  today, and a rollback is just moving an alias back. Files are chmod 0o444 to say so.
-* ``version.json`` is written last (atomically), so a crash mid-register leaves a directory
-  without it, which every reader ignores: there is never a half-visible version.
-* Every file's sha256 is stored in ``version.json`` and checked before use, so silent
-  corruption (or a hand edit) refuses to load rather than serving wrong weights.
-* Version numbers are claimed with ``os.mkdir`` (fails if the directory exists), so two
-  processes registering at once get distinct versions without a lock server.
-* ``aliases.json`` is rewritten under an exclusive ``fcntl.flock`` with write-temp-then-rename,
-  so concurrent alias moves never lose each other and a crash never leaves half a file.
-
-Limitation: ``register``, ``set_alias`` and ``remove_alias`` need a local (or POSIX-shared)
-filesystem, because object stores have neither an atomic mkdir nor flock; on a URI root they
-raise RegistryError. Reading (``versions``, ``get``, ``load_state_dict``, ``read_file``...)
-and ``record_verdict`` (which only ever creates uniquely named files) work on URIs too.
-
-torch and safetensors.torch are imported lazily, so resolving an alias (in a server, say) does
-not pay for importing torch.
-"""
+"""The registry store: `Registry` and its errors (the layout and its reasons: the package docstring)."""
 
 from __future__ import annotations
 
@@ -37,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -421,24 +390,3 @@ class Registry:
             "parent": record.get("parent"),
             "config_target": target,
         }
-
-
-def git_commit() -> str | None:
-    """HEAD of the repository holding this file, "-dirty" if tracked files changed; else None.
-
-    Recorded in version meta so a model can be traced back to the exact code that trained it.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-
-    def _git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-
-    try:
-        head = _git("rev-parse", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if not head:
-        return None
-    return f"{head}-dirty" if dirty else head
