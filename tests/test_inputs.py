@@ -319,9 +319,9 @@ def test_decode_images_keeps_large_pixels_off_the_event_loop(monkeypatch) -> Non
     threads: list[int] = []
     real = decoding.finish_decode
 
-    def finish(opened, limits=None):
+    def finish(opened, limits=None, draft_side=None):
         threads.append(threading.get_ident())
-        return real(opened, limits)
+        return real(opened, limits, draft_side)
 
     monkeypatch.setattr(decoding, "finish_decode", finish)
     small, large = _encode(_noise(100, 80), "PNG"), _encode(_noise(700, 500), "JPEG")
@@ -784,3 +784,63 @@ def test_suffix_entries_match_subdomains_only() -> None:
     assert urlfetch._host_allowed("exact.org", allowed)
     assert not urlfetch._host_allowed("sub.exact.org", allowed)
     assert urlfetch._host_allowed("::1", allowed)
+
+
+# ----------------------------------------------------------------------------- reduced-scale decoding
+
+
+def _photo_jpegs() -> dict[str, bytes]:
+    """Real photographs (scikit-image's), at their own resolution: colour, greyscale, CMYK,
+    and one stored sideways with an EXIF orientation."""
+    from skimage import data
+
+    out = {name: _encode(Image.fromarray(getattr(data, name)()), "JPEG", quality=92)
+           for name in ("astronaut", "chelsea", "coffee", "rocket", "retina", "camera", "moon")}
+    out["coffee cmyk"] = _encode(Image.fromarray(data.coffee()).convert("CMYK"), "JPEG", quality=92)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 640x427, shown 427x640
+    out["rocket sideways"] = _encode(Image.fromarray(data.rocket()), "JPEG", quality=92, exif=exif.tobytes())
+    return out
+
+
+@pytest.mark.parametrize("resize", [32, 64, 128])
+def test_reduced_decoding_stays_within_its_stated_bounds_on_real_photos(resize: int) -> None:
+    """The bounds docs/serving.md states: the model's uint8 input differs from full decoding by
+    at most 2.0 on average (of 255), at a PSNR of at least 38 dB (measured: 1.86 and 39.6 dB at
+    worst, a 512 px photo decoded at 1/8 for a 32 px model); sizes are the file's."""
+    from mlplatform.data.preprocess import PreprocessSpec, to_uint8
+
+    spec = PreprocessSpec(resize * 7 // 8, resize, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    full_limits, reduced_limits = make_limits(reduced_decode=False), make_limits(reduced_decode=True)
+    shrunk = 0
+    for name, data in _photo_jpegs().items():
+        full = decoding.decode_image(data, full_limits, draft_side=2 * resize)
+        reduced = decoding.decode_image(data, reduced_limits, draft_side=2 * resize)
+        assert (reduced.width, reduced.height) == (full.width, full.height) == full.image.size, name
+        assert min(reduced.image.size) >= min(2 * resize, min(full.image.size)), name
+        shrunk += reduced.image.size != full.image.size
+        a = to_uint8(full.image, spec).astype(np.float64)
+        b = to_uint8(reduced.image, spec).astype(np.float64)
+        mse = float(np.mean((a - b) ** 2))
+        assert np.abs(a - b).mean() <= 2.0 and (mse == 0 or 10 * np.log10(255 ** 2 / mse) >= 38), name
+    assert shrunk >= 3  # most of these photos are large enough to be reduced at this size
+
+
+def test_reduced_decoding_leaves_other_formats_and_small_jpegs_alone() -> None:
+    from skimage import data
+
+    photo = Image.fromarray(data.chelsea())  # 451x300
+    limits = make_limits(reduced_decode=True)
+    for fmt in ("PNG", "WEBP", "TIFF"):
+        encoded = _encode(photo, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        assert decoding.decode_image(encoded, limits, draft_side=64).image.tobytes() == photo.tobytes()
+    jpeg = _encode(photo, "JPEG", quality=90)
+    full = decoding.decode_image(jpeg, make_limits(reduced_decode=False), draft_side=64).image
+    assert decoding.decode_image(jpeg, limits, draft_side=512).image.tobytes() == full.tobytes()  # too small
+    assert decoding.decode_image(jpeg, limits).image.tobytes() == full.tobytes()  # no side: full
+    assert decoding.decode_image(jpeg, limits, draft_side=64).image.size == (113, 75)  # 1/4
+
+
+def test_reduced_decoding_is_a_boolean_in_config() -> None:
+    with pytest.raises(ConfigError, match=r"serve.inputs.reduced_decode=yes: must be true or false"):
+        make_limits(reduced_decode="yes")

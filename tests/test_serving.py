@@ -264,7 +264,8 @@ def test_hostile_input_never_poisons_the_server(served) -> None:
 
 def test_large_photos_decode_off_the_event_loop_with_the_same_answers(served) -> None:
     """Above 512x512 pixels the ingress decodes and resizes in a worker thread, and parses
-    JSON bodies over 256 KiB there: the answers are those of the extended model offline, in
+    JSON bodies over 256 KiB there: the answers are those of the extended model offline (on
+    the JPEG decoded at the reduced scale the ingress uses, serve.inputs.reduced_decode), in
     REST and OIP, and corrupt input is still a 400."""
     from mlplatform.deployments.decoding import INLINE_DECODE_PIXELS, InputLimits, decode_image
     from mlplatform.deployments.extended import ExtendedModel
@@ -274,7 +275,9 @@ def test_large_photos_decode_off_the_event_loop_with_the_same_answers(served) ->
     offline = ExtendedModel(str(served["root"] / "registry"), MODEL, "v1", **accelerator(device="cpu"))
     inputs = compose().serve.inputs  # what the served app was deployed with
     limits = InputLimits.from_dict({k: v for k, v in inputs.items() if k != "url"})
-    want = offline.predict([decode_image(big, limits).image], top_k=3)[0]
+    draft = 2 * offline.spec.resize_size
+    assert limits.reduced_decode and decode_image(big, limits, draft).image.size < decode_image(big, limits).image.size
+    want = offline.predict([decode_image(big, limits, draft).image], top_k=3)[0]
     for _ in range(3):  # v1 and v2 hold the same weights
         r = _post(data=big, headers={"content-type": "image/jpeg"}, params={"top_k": 3})
         assert r.status_code == 200, r.text
@@ -294,7 +297,7 @@ def test_large_photos_decode_off_the_event_loop_with_the_same_answers(served) ->
     noisy = buf.getvalue()
     b64 = base64.b64encode(noisy).decode()
     assert 256 * 1024 < len(b64) < 400_000
-    want = offline.predict([decode_image(noisy, limits).image], top_k=2)[0]
+    want = offline.predict([decode_image(noisy, limits, draft).image], top_k=2)[0]
     r = _post(json={"image": b64, "top_k": 2})
     assert r.status_code == 200, r.text
     assert [p["label"] for p in r.json()["predictions"]] == want.labels

@@ -325,6 +325,9 @@ class ServeInputsConf:
     min_height: int = MISSING
     # Pillow format ids (JPG and TIF are read as JPEG and TIFF); anything else is 415.
     formats: list[str] = MISSING
+    # Large JPEGs decoded at 1/2, 1/4 or 1/8 scale, short side kept >= twice the model's
+    # resize size; false: always the full image.
+    reduced_decode: bool = MISSING
     url: ServeUrlConf = field(default_factory=ServeUrlConf)
 
 

@@ -109,8 +109,13 @@ class InputLimits:
     min_height: int
     # Pillow format ids (Image.format): anything else is 415 even when Pillow could read it.
     formats: tuple[str, ...]
+    # JPEGs decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where the short side
+    # stays at least `draft_side` (the ingress passes twice the model's resize size).
+    reduced_decode: bool
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reduced_decode, bool):
+            raise ConfigError("serve.inputs.reduced_decode", self.reduced_decode, "must be true or false")
         for name in ("max_bytes", "max_pixels", "min_width", "min_height"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -140,9 +145,9 @@ class InputLimits:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image.Image  # RGB, EXIF orientation applied, first frame
+    image: Image.Image  # RGB, EXIF orientation applied, first frame; smaller when reduced_decode
     format: str  # Pillow's format id: JPEG, PNG, ...
-    width: int  # of `image`, i.e. after orientation
+    width: int  # of the file's full image, after orientation (not of a reduced `image`)
     height: int
     mode: str  # the file's own mode before conversion: P, RGBA, I;16, CMYK, ...
     num_bytes: int
@@ -295,16 +300,31 @@ def open_image(data: bytes | bytearray | memoryview, limits: InputLimits) -> Ope
             raise
 
 
-def finish_decode(opened: OpenedImage, limits: InputLimits) -> DecodedImage:
+def _draft(img: Image.Image, fmt: str, side: int | None) -> bool:
+    """Ask libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least
+    `side`: a 4000x3000 photo for a 256 px resize decodes as 1000x750, 16 times fewer pixels.
+    Whether the image was reduced."""
+    if not side or fmt not in ("JPEG", "MPO"):
+        return False
+    size = img.size
+    img.draft(img.mode, (side, side))
+    return img.size != size
+
+
+def finish_decode(opened: OpenedImage, limits: InputLimits, draft_side: int | None = None) -> DecodedImage:
     """The pixels (400 when truncated or corrupt), RGB with EXIF orientation (`to_rgb`), and
     the minimum size of the oriented image (422). Pillow releases the GIL while it decodes
-    and resizes, so a large image can go to a worker thread and leave the event loop free."""
+    and resizes, so a large image can go to a worker thread and leave the event loop free.
+    With `limits.reduced_decode` and a `draft_side`, a large JPEG is decoded at reduced scale
+    (`_draft`); width and height stay the file's."""
     # Imported here: config validation imports this module for InputLimits, without torch.
     from mlplatform.data.preprocess import to_rgb
 
     img = opened.image
+    full = img.size
     with _pillow_errors(limits, [opened.format]):
         try:
+            reduced = limits.reduced_decode and _draft(img, opened.format, draft_side)
             img.load()
             w, h = img.size
             if max(w, 1) * max(h, 1) > limits.max_pixels:
@@ -313,6 +333,8 @@ def finish_decode(opened: OpenedImage, limits: InputLimits) -> DecodedImage:
         finally:
             img.close()
     w, h = rgb.size
+    if reduced:  # the file's size, oriented as `rgb` is
+        w, h = full if (w >= h) == (full[0] >= full[1]) else full[::-1]
     if w < limits.min_width or h < limits.min_height:
         raise InputError(422, "image_too_small",
                          f"The image is {w}x{h}; the minimum is {limits.min_width}x{limits.min_height}.")
@@ -320,7 +342,8 @@ def finish_decode(opened: OpenedImage, limits: InputLimits) -> DecodedImage:
                         num_bytes=opened.num_bytes, sha256=hashlib.sha256(opened.raw).hexdigest())
 
 
-def decode_image(data: bytes | bytearray | memoryview, limits: InputLimits) -> DecodedImage:
+def decode_image(data: bytes | bytearray | memoryview, limits: InputLimits,
+                 draft_side: int | None = None) -> DecodedImage:
     """Raw bytes to a checked RGB image, or an `InputError`: `open_image` then
     `finish_decode`, synchronously.
 
@@ -329,11 +352,11 @@ def decode_image(data: bytes | bytearray | memoryview, limits: InputLimits) -> D
     truncated or corrupt), RGB conversion with EXIF orientation (`to_rgb`), minimum size
     on the oriented image (422).
     """
-    return finish_decode(open_image(data, limits), limits)
+    return finish_decode(open_image(data, limits), limits, draft_side)
 
 
-async def decode_images(datas: list[bytes], limits: InputLimits,
-                        inline_pixels: int = INLINE_DECODE_PIXELS) -> list[DecodedImage]:
+async def decode_images(datas: list[bytes], limits: InputLimits, inline_pixels: int = INLINE_DECODE_PIXELS,
+                        draft_side: int | None = None) -> list[DecodedImage]:
     """`decode_image` for an event loop: every header is checked first, in the loop; the
     pixels are decoded in the loop when they are few (up to `inline_pixels` in all: a thread
     hop would cost more than the decoding), else in a worker thread, so that one 12 MP photo
@@ -349,7 +372,7 @@ async def decode_images(datas: list[bytes], limits: InputLimits,
 
     def finish() -> list[DecodedImage]:
         try:
-            return [finish_decode(o, limits) for o in opened]
+            return [finish_decode(o, limits, draft_side) for o in opened]
         finally:  # after an error, the images not reached (closing one twice is harmless)
             for o in opened:
                 o.image.close()

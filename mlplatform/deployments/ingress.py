@@ -5,6 +5,7 @@ the image to that version's batcher, captures the answer, mirrors to shadows, an
 failure into the contract's JSON error; nothing escapes as a bare 500."""
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -113,6 +114,18 @@ class Ingress:
             self.labels[version] = info["labels"]
         return self.specs[version], self.labels[version]
 
+    async def _draft_side_for(self, version: str) -> int | None:
+        """How small a JPEG for `version` may be decoded (serve.inputs.reduced_decode): twice
+        the largest resize size of the versions known here, the request's own included, so the
+        resize that follows still averages 2+ decoded pixels per output pixel (a shadow with a
+        larger size, not known yet, gets less). None: full decode."""
+        if not self.limits.reduced_decode:
+            return None
+        if version not in self.specs:
+            with contextlib.suppress(Exception):  # unavailable: the request fails after its input is checked
+                await self._meta(version)
+        return 2 * max(s.resize_size for s in self.specs.values()) if self.specs else None
+
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Traffic changes from YAML land here: weights, shadows, limits, and the versions
         routed to move in place. A version's application is up before traffic names it, and
@@ -142,7 +155,8 @@ class Ingress:
     async def _infer(self, version: str, image: D.DecodedImage, top_k: int) -> dict[str, Any]:
         spec, _ = await self._meta(version)
         # Resizing a large photo takes tens of ms: not on the event loop.
-        arr = await _off_loop_if(image.width * image.height > D.INLINE_DECODE_PIXELS, to_uint8, image.image, spec)
+        arr = await _off_loop_if(image.image.width * image.image.height > D.INLINE_DECODE_PIXELS, to_uint8,
+                                 image.image, spec)
         if self.health.down(version):
             raise self._unavailable(version)
         fut = self.batchers[version].submit(arr, top_k)
@@ -180,7 +194,7 @@ class Ingress:
     def _mirror(self, image: D.DecodedImage, primary: dict[str, Any], request_id: str) -> None:
         self.shadows.mirror(self.policy.shadows_for_request(), image, primary, request_id)
 
-    async def _read_image(self, request: Request) -> tuple[D.DecodedImage, int | None, bytes]:
+    async def _read_image(self, request: Request, draft_side: int | None) -> tuple[D.DecodedImage, int | None, bytes]:
         kind = P.check_content_type(request.headers.get("content-type"))
         top_k = None
         t0 = time.perf_counter()
@@ -203,7 +217,7 @@ class Ingress:
                 data = await fetch_url(url, self.url_policy)
         else:
             data = await request.body()
-        (image,) = await D.decode_images([data], self.limits)
+        (image,) = await D.decode_images([data], self.limits, draft_side=draft_side)
         self.latency.observe(time.perf_counter() - t0, tags={"stage": "decode"})
         return image, top_k, data
 
@@ -324,9 +338,9 @@ class Ingress:
     async def predict(self, request: Request) -> Response:
         async def handle(request_id: str) -> tuple[Response, str]:
             started = time.perf_counter()
-            image, top_k_body, data = await self._read_image(request)
             sticky = request.headers.get(self.t.sticky_header) if self.t.sticky_header else None
             version = self.policy.choose(sticky)
+            image, top_k_body, data = await self._read_image(request, await self._draft_side_for(version))
             request.state.version = version
             await self._meta(version)
             top_k = P.parse_top_k(request.query_params.get("top_k", top_k_body), self.t.top_k,
@@ -417,7 +431,7 @@ class Ingress:
                 request.headers.get(self.t.sticky_header) if self.t.sticky_header else None)
             _, labels = await self._meta(version)
             started = time.perf_counter()
-            images = await D.decode_images(req.images, self.limits)
+            images = await D.decode_images(req.images, self.limits, draft_side=await self._draft_side_for(version))
             results = await asyncio.gather(*(self._infer(version, img, 1) for img in images))
             request.state.batch_size = max(r["batch_size"] for r in results)
             role = "pinned" if pinned else self._role(version)
