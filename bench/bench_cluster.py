@@ -102,14 +102,7 @@ def _stats(records: list[tuple[float, float, int]], t0: float, t1: float) -> dic
 
 
 def _running(c: LocalCluster) -> dict[str, int]:
-    try:
-        apps = c.get("/api/serve/applications/")["applications"]
-    except (OSError, ValueError, KeyError):
-        return {}
-    # The ingress application and each version's application beside it.
-    return {name: sum(r.get("state") == "RUNNING" for r in d.get("replicas", []))
-            for app, a in apps.items() if app == APP or app.startswith(f"{APP}-")
-            for name, d in a.get("deployments", {}).items()}
+    return c.running_replicas(APP)
 
 
 def _within(predicate, timeout: float) -> float | None:

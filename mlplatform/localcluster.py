@@ -332,6 +332,17 @@ class LocalCluster:
             self.wait_for_nodes()
         return index
 
+    def running_replicas(self, app: str) -> dict[str, int]:
+        """Deployment -> RUNNING replicas of application `app` and of each version's application
+        beside it (`<app>-<version>`), from the dashboard's Serve REST API; {} while it has none."""
+        try:
+            apps = self.get("/api/serve/applications/")["applications"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        return {name: sum(r.get("state") == "RUNNING" for r in d.get("replicas", []))
+                for app_name, a in apps.items() if app_name == app or app_name.startswith(f"{app}-")
+                for name, d in a.get("deployments", {}).items()}
+
     def nodes(self) -> list[dict]:
         """The cluster's nodes as its dashboard lists them (state API), alive and dead."""
         body = self.get("/api/v0/nodes?limit=1000&detail=true")

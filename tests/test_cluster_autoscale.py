@@ -46,15 +46,7 @@ def _photo() -> bytes:
 
 
 def _running(c: LocalCluster) -> dict[str, int]:
-    """Deployment -> RUNNING replicas, from the cluster's dashboard (Serve's REST API)."""
-    try:
-        apps = c.get("/api/serve/applications/")["applications"]
-    except (OSError, ValueError, KeyError):
-        return {}
-    # The ingress application and each version's application beside it.
-    return {name: sum(r.get("state") == "RUNNING" for r in d.get("replicas", []))
-            for app, a in apps.items() if app == APP or app.startswith(f"{APP}-")
-            for name, d in a.get("deployments", {}).items()}
+    return c.running_replicas(APP)
 
 
 @pytest.fixture(scope="module")
