@@ -67,6 +67,7 @@ def test_pretrained_weights_load_from_local_file(tmp_path: Path) -> None:
         ("data.synthetic.drift.kinds=[fog]", "data.synthetic.drift.kinds=fog"),
         ("data.preprocess.interpolation=lanczos9", "data.preprocess.interpolation=lanczos9"),
         ("ray.address=nowhere", "ray.address=nowhere"),
+        ("train.report_poll_s=0", "train.report_poll_s=0"),
         ("model.weights_path=/no/such/file.pt", "model.weights_path=/no/such/file.pt"),
         ("serve.block=maybe", "serve.block=maybe"),
         ("serve.batching.max_batch_size=100", "serve.deployment.max_ongoing_requests=64"),

@@ -122,6 +122,21 @@ def test_registry_evaluate_and_promote_modes(ray_cluster, trained) -> None:
     assert verdict["candidate"] == "v1" and verdict["baseline"] is None and verdict["verdict"] == "blessed"
 
 
+def test_report_poll_reaches_ray_train_unless_the_user_exported_it(monkeypatch) -> None:
+    """Ray Train's controller reads its poll interval from the driver's environment only."""
+    from mlplatform.training import job
+
+    cfg = compose("+mode=train", "+experiment=smoke", "train.report_poll_s=0.5")
+    spec = job.PreprocessSpec(32, 32, (0.5,) * 3, (0.5,) * 3, "bilinear").with_labels(["a", "b"])
+    monkeypatch.delenv(job.POLL_ENV, raising=False)
+    job.make_trainer(cfg, OmegaConf.to_container(cfg, resolve=True), spec, {}, "t", "/tmp/unused")
+    assert os.environ[job.POLL_ENV] == "0.5"
+    monkeypatch.setattr(job, "_USER_ENV", {job.POLL_ENV: "3"})
+    monkeypatch.setenv(job.POLL_ENV, "3")
+    job.make_trainer(cfg, OmegaConf.to_container(cfg, resolve=True), spec, {}, "t", "/tmp/unused")
+    assert os.environ[job.POLL_ENV] == "3"
+
+
 def test_gate_blesses_and_rejects_on_crafted_metrics() -> None:
     gate = OmegaConf.create({"min_test_acc": 0.6, "min_gain": 0.01, "max_recall_drop": 0.1})
 

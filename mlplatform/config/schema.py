@@ -184,6 +184,9 @@ class TrainConf:
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     early_stopping: EarlyStoppingConf = field(default_factory=EarlyStoppingConf)
     max_failures: int = MISSING
+    # How often Ray Train's controller collects the workers' reports. A worker's next report
+    # waits until its last one is collected, so an epoch never takes less than this.
+    report_poll_s: float = MISSING
     # Validation images whose embeddings and predictions become the monitoring reference.
     reference_samples: int = MISSING
     torch_threads: int | None = MISSING

@@ -173,6 +173,8 @@ def validate_train(train: DictConfig) -> None:
     _positive("train.checkpoint.num_to_keep", train.checkpoint.num_to_keep)
     if train.early_stopping.patience < 1:
         raise ConfigError("train.early_stopping.patience", train.early_stopping.patience, "must be >= 1")
+    if not 0 < train.report_poll_s <= 60:
+        raise ConfigError("train.report_poll_s", train.report_poll_s, "must be > 0 and <= 60 (seconds)")
     if train.max_failures < -1:
         raise ConfigError("train.max_failures", train.max_failures, "must be >= -1 (-1: retry forever)")
     if not 0 <= train.label_smoothing < 1:

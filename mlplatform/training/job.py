@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -35,6 +36,8 @@ from mlplatform.training.loop import train_loop_per_worker
 from mlplatform.training.progress import EpochLines
 
 log = logging.getLogger(__name__)
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+_USER_ENV = {k: v for k, v in os.environ.items() if k == POLL_ENV}
 
 
 def prepare(cfg: DictConfig, snap: snapshots.Snapshot | None = None
@@ -73,6 +76,10 @@ def make_trainer(cfg: DictConfig, resolved: dict[str, Any], spec: PreprocessSpec
                  overrides: dict[str, Any] | None = None,
                  callbacks: list | None = None) -> TorchTrainer:
     t = cfg.train
+    # Ray Train reads the controller's poll interval from this variable only, in the driver
+    # when fit() starts the controller; a value the user exported wins.
+    if POLL_ENV not in _USER_ENV:
+        os.environ[POLL_ENV] = str(float(t.report_poll_s))
     resources = {"CPU": float(t.scaling.cpus_per_worker)}
     if t.scaling.use_gpu:
         resources["GPU"] = float(t.scaling.gpus_per_worker or 1)

@@ -141,10 +141,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         _maybe_kill(epoch, tcfg.get("chaos") or {}, config["chaos_dir"])
         t0 = time.time()
         model.train()
-        loss_sum, n_seen = 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=tcfg["batch_size"], device=device,
-                                                    local_shuffle_buffer_size=8 * tcfg["batch_size"],
-                                                    local_shuffle_seed=cfg["seed"] + epoch):
+        loss_sum, n_seen, data_s = 0.0, 0, 0.0
+        batches = iter(train_shard.iter_torch_batches(batch_size=tcfg["batch_size"], device=device,
+                                                      local_shuffle_buffer_size=8 * tcfg["batch_size"],
+                                                      local_shuffle_seed=cfg["seed"] + epoch))
+        while True:
+            tw = time.perf_counter()
+            batch = next(batches, None)
+            data_s += time.perf_counter() - tw
+            if batch is None:
+                break
             x = _augment(batch["image"], tcfg["augment"]["hflip"], tcfg["augment"]["translate"], gen)
             x = normalize_torch(x, spec)
             y = batch["label"]
@@ -159,6 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
+        train_s = time.time() - t0
 
         logits, y_val, _ = forward_batches(_unwrap(model), val_shard.iter_torch_batches(
             batch_size=tcfg["eval_batch_size"], device=device), spec, device, dtype=dtype)
@@ -173,7 +180,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             [loss_sum, n_seen, val_loss, correct, correct5, float(len(y_val))], device)
         metrics = {"epoch": epoch, "train/loss": loss_sum / max(n_seen, 1), "val/loss": val_loss / max(n_val, 1),
                    "val/acc": correct / max(n_val, 1), "val/top5": correct5 / max(n_val, 1), "lr": lr,
-                   "epoch_seconds": time.time() - t0, "train/images": n_seen}
+                   "epoch_seconds": time.time() - t0, "train/images": n_seen,
+                   # Where the epoch went: waiting on the shard, the training pass as a whole, validation.
+                   "time/data_wait_s": data_s, "time/train_s": train_s, "time/val_s": time.time() - t0 - train_s}
         history.append(metrics)
         score = metrics[es["metric"]]
         if _better(score, best, es["mode"], es["min_delta"]):
@@ -183,6 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             bad_epochs += 1
         metrics.update({"best/" + es["metric"]: best, "best/epoch": best_epoch})
 
+        tc = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -192,6 +202,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                             "history": history, "best_state": best_state}, os.path.join(tmp, STATE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, ck["metric"]: metrics[ck["metric"]]}, checkpoint=ckpt)
+        # Known only after the report: kept in the history this function returns.
+        metrics["time/checkpoint_s"] = time.perf_counter() - tc
         if tracker is not None:
             tracker.log(metrics, step=epoch)
         if bad_epochs >= es["patience"]:
