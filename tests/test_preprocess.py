@@ -89,3 +89,28 @@ def test_inspect_records_bombs_and_garbage_without_raising() -> None:
     assert rec["ok"] is False and "Decompression" in rec["error"]
     garbage = inspect_one(b"\x89PNG\r\n\x1a\n garbage")
     assert garbage["ok"] is False and garbage["sha256"]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize(("size", "resize"), [(224, 256), (64, 64), (32, 36), (112, 200)])
+def test_cropped_resize_equals_resize_then_crop(interpolation: str, size: int, resize: int) -> None:
+    """to_uint8 resizes only the crop's box: within 1/255 of resizing the whole photo, then
+    cropping (bit-equal for nearest, which keeps the two steps). Real photos, both
+    orientations, and one already at the resize size."""
+    from skimage import data
+
+    from mlplatform.data.preprocess import _INTERP, to_uint8
+
+    photos = [Image.fromarray(getattr(data, n)()).convert("RGB") for n in ("astronaut", "coffee", "rocket", "camera")]
+    photos += [photos[2].transpose(Image.Transpose.ROTATE_90), photos[1].resize((resize, resize + 17))]
+    spec = PreprocessSpec(size, resize, (0.5,) * 3, (0.5,) * 3, interpolation)
+    for img in photos:
+        w, h = img.size
+        scale = resize / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        whole = img.resize((nw, nh), _INTERP[interpolation]) if (nw, nh) != (w, h) else img
+        left, top = (nw - size) // 2, (nh - size) // 2
+        expected = np.asarray(whole.crop((left, top, left + size, top + size)), np.int16)
+        got = to_uint8(img, spec).astype(np.int16)
+        assert got.shape == expected.shape == (size, size, 3)
+        assert np.abs(got - expected).max() <= (0 if interpolation == "nearest" else 1), img.size

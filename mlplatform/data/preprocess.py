@@ -76,15 +76,22 @@ def to_uint8(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
     Kept as uint8 so decoded datasets stay small in memory; `normalize` finishes the job.
     """
-    interp = _INTERP[spec.interpolation]
+    interp, s = _INTERP[spec.interpolation], spec.image_size
     w, h = img.size
     scale = spec.resize_size / min(w, h)
-    nw, nh = max(spec.image_size, round(w * scale)), max(spec.image_size, round(h * scale))
+    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+    left, top = (nw - s) // 2, (nh - s) // 2
+    if (nw, nh) != (w, h) and interp != Image.NEAREST:
+        # Only the crop's pixels, resized straight from their box in the source: the filter
+        # still reads past the box edge (up to the image's), so this equals resize-then-crop
+        # within 1/255 at half the cost (a 451x300 photo at 224 px: 1.7 -> 0.9 ms). Nearest
+        # would pick other source pixels, so it keeps the two steps.
+        sx, sy = w / nw, h / nh
+        return np.asarray(img.resize((s, s), interp, box=(left * sx, top * sy, (left + s) * sx, (top + s) * sy)),
+                          dtype=np.uint8)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), interp)
-    left, top = (nw - spec.image_size) // 2, (nh - spec.image_size) // 2
-    img = img.crop((left, top, left + spec.image_size, top + spec.image_size))
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(img.crop((left, top, left + s, top + s)), dtype=np.uint8)
 
 
 def normalize(batch_hwc: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
