@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -102,7 +104,33 @@ def ray_session(ray_cfg: DictConfig) -> Iterator[Session]:
                         "its resources apply, not ray.num_cpus")
             ray.init(address="auto", **kwargs)
             started = False
+    node_id = ray.get_runtime_context().get_node_id() if started and high_throughput else None
     try:
         yield Session(started=started)
     finally:
         ray.shutdown()
+        if node_id:
+            stop_haproxy_reloads(node_id)
+
+
+def stop_haproxy_reloads(node_id: str) -> list[int]:
+    """Serve reloads HAProxy with `-sf <old pid>` on every change of routes; the new process
+    leaves Ray's process tree, and a local Ray stops without it, so it would keep holding
+    serve.port (the next `+mode=serve` could not bind it). Its files are under the node's id."""
+    from mlplatform.localcluster import _alive, _cmdline
+
+    marker = f"/haproxy-serve/{node_id}/"
+    pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and marker in _cmdline(int(e))]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if pids:
+        log.info("stopped %d HAProxy process(es) left by Serve's reloads", len(pids))
+    return pids

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -621,15 +622,40 @@ def test_cli_serve_stops_on_sigint_and_leaves_no_process(served) -> None:
         assert r.status_code == 200 and r.json()["version"] == "v1"
         started = _descendants(proc.pid)
         assert any("haproxy" in _cmdline(p) for p in started), "the high-throughput mode runs HAProxy"
+        # Serve reloads HAProxy as routes change (`-sf <old pid>`); a reloaded one leaves the tree.
+        marker = next(re.search(r"/haproxy-serve/\w+/", _cmdline(p)).group(0) for p in started
+                      if re.search(r"/haproxy-serve/\w+/", _cmdline(p)))
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
         deadline = time.time() + 15
         while [p for p in started if _alive(p)] and time.time() < deadline:
             time.sleep(0.5)
         assert [p for p in started if _alive(p)] == []
+        left = [int(e) for e in os.listdir("/proc") if e.isdigit() and marker in _cmdline(int(e)) and _alive(int(e))]
+        assert left == [], f"HAProxy left holding port {port}: {[_cmdline(p) for p in left]}"
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_haproxy_left_by_a_reload_is_stopped_with_its_ray() -> None:
+    """Only processes naming the stopped node's HAProxy directory are stopped."""
+    import subprocess
+
+    from mlplatform.raycluster import stop_haproxy_reloads
+
+    def fake(node: str) -> subprocess.Popen:
+        return subprocess.Popen(["bash", "-c", f'exec -a "haproxy -f /tmp/haproxy-serve/{node}/haproxy.cfg" sleep 60'])
+
+    ours, other = fake("a" * 56), fake("b" * 56)
+    try:
+        time.sleep(0.3)
+        assert stop_haproxy_reloads("a" * 56) == [ours.pid]
+        assert ours.wait(timeout=10) is not None and other.poll() is None
+    finally:
+        for p in (ours, other):
+            p.kill()
+            p.wait()
 
 
 def test_version_batcher_splits_drops_and_fails_whole_batches(ray_cluster) -> None:
