@@ -126,6 +126,20 @@ def _cpu(pid: int) -> dict[int, tuple[str, float]]:
     return {p: (_role(p, procs[p][1], pid), procs[p][2]) for p in _tree(pid, procs)}
 
 
+def _settle(pid: int, quiet_cores: float = 0.1, timeout: float = 120.0) -> float:
+    """Wait (at least 10 s) until the server's process tree uses under `quiet_cores` of CPU
+    over 2 s: start-up work (the drift monitor fitting its detectors' thresholds, replicas
+    tuning) is not counted per image. Returns the seconds waited."""
+    t0 = time.monotonic()
+    time.sleep(8)
+    while time.monotonic() - t0 < timeout:
+        before = sum(cpu for _, cpu in _cpu(pid).values())
+        time.sleep(2)
+        if sum(cpu for _, cpu in _cpu(pid).values()) - before < 2 * quiet_cores:
+            break
+    return round(time.monotonic() - t0, 1)
+
+
 def _cpu_ms_per_image(before: dict, after: dict, images: int) -> dict[str, float]:
     by_role: dict[str, float] = {}
     for pid, (role, cpu) in after.items():
@@ -196,7 +210,7 @@ def _race(name: str, cmd: list[str], url: str, requests_: dict[str, tuple[bytes,
         out: dict = {"cold_start_s": round(cold, 1), "kinds": {}}
         for body, ctype in requests_.values():  # warm every path, then let it settle
             asyncio.run(_load(url, body, ctype, 4, 2.0, headers))
-        time.sleep(10)
+        out["settle_s"] = _settle(proc.pid)
         out["idle_pss_mb"] = _pss_mb(proc.pid)
         for kind, (body, ctype) in requests_.items():
             rows = {}
@@ -306,7 +320,7 @@ def _report(r: dict) -> None:
         if server in r:
             s = r[server]
             web = s["kinds"]["web JPEG 451x300"][32]
-            print(f"{server}: cold start {s['cold_start_s']} s, idle PSS {s['idle_pss_mb']} MB, under load "
+            print(f"{server}: cold start {s['cold_start_s']} s, settled after {s.get('settle_s')} s, idle PSS {s['idle_pss_mb']} MB, under load "
                   f"{web['load_pss_mb']} MB; CPU per image at 32 (web JPEG): {web['cpu_ms_per_image']}")
     if "platform_full_decode" in r:
         (kind, rows), = r["platform_full_decode"]["kinds"].items()
