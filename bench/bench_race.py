@@ -156,13 +156,11 @@ def _train(root: str, model: str, size: int) -> None:
 
 
 def _limit(registry: str, batch: int, size: int) -> dict:
+    import torch
     from bench_serve import _accelerator  # the served model's accelerator settings
 
-    from mlplatform.deployments.extended import ExtendedModel
-
-    import torch
-
     from mlplatform.cli_check import compose_defaults
+    from mlplatform.deployments.extended import ExtendedModel
 
     accel = _accelerator()
     # As served: a replica's forward gets accelerator.threads, or one per CPU it reserves.
