@@ -113,12 +113,26 @@ def ray_session(ray_cfg: DictConfig) -> Iterator[Session]:
             stop_haproxy_reloads(node_id)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def stop_haproxy_reloads(node_id: str) -> list[int]:
     """Serve reloads HAProxy with `-sf <old pid>` on every change of routes; the new process
     leaves Ray's process tree, and a local Ray stops without it, so it would keep holding
     serve.port (the next `+mode=serve` could not bind it). Its files are under the node's id."""
-    from mlplatform.localcluster import _alive, _cmdline
-
     marker = f"/haproxy-serve/{node_id}/"
     pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and marker in _cmdline(int(e))]
     for pid in pids:
