@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlplatform.raycluster import _alive, _cmdline, serve_env
+from mlplatform.raycluster import _alive, _cmdline, _signal, serve_env
 
 # The object store a node reserves in /dev/shm. Ray's default (30 % of memory per node) would
 # reserve most of a small machine three times over; the platform's objects are small.
@@ -111,14 +111,6 @@ def node_pids(node: Node) -> list[int]:
             if any(m in cmd for m in markers):
                 found.append(int(entry))
     return [p for p in found if _alive(p)]
-
-
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _get_json(url: str, token: str | None, timeout: float = 5.0):

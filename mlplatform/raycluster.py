@@ -129,22 +129,25 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def stop_haproxy_reloads(node_id: str) -> list[int]:
     """Serve reloads HAProxy with `-sf <old pid>` on every change of routes; the new process
     leaves Ray's process tree, and a local Ray stops without it, so it would keep holding
     serve.port (the next `+mode=serve` could not bind it). Its files are under the node's id."""
     marker = f"/haproxy-serve/{node_id}/"
     pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and marker in _cmdline(int(e))]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    _signal(pids, signal.SIGTERM)
     deadline = time.monotonic() + 5
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    _signal([p for p in pids if _alive(p)], signal.SIGKILL)
     if pids:
         log.info("stopped %d HAProxy process(es) left by Serve's reloads", len(pids))
     return pids

@@ -131,7 +131,7 @@ def test_report_poll_reaches_ray_train_unless_the_user_exported_it(monkeypatch) 
     monkeypatch.delenv(job.POLL_ENV, raising=False)
     job.make_trainer(cfg, OmegaConf.to_container(cfg, resolve=True), spec, {}, "t", "/tmp/unused")
     assert os.environ[job.POLL_ENV] == "0.5"
-    monkeypatch.setattr(job, "_USER_ENV", {job.POLL_ENV: "3"})
+    monkeypatch.setattr(job, "_USER_POLL", "3")
     monkeypatch.setenv(job.POLL_ENV, "3")
     job.make_trainer(cfg, OmegaConf.to_container(cfg, resolve=True), spec, {}, "t", "/tmp/unused")
     assert os.environ[job.POLL_ENV] == "3"

@@ -37,7 +37,7 @@ from mlplatform.training.progress import EpochLines
 
 log = logging.getLogger(__name__)
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-_USER_ENV = {k: v for k, v in os.environ.items() if k == POLL_ENV}
+_USER_POLL = os.environ.get(POLL_ENV)  # exported before this process started: it wins
 
 
 def prepare(cfg: DictConfig, snap: snapshots.Snapshot | None = None
@@ -78,7 +78,7 @@ def make_trainer(cfg: DictConfig, resolved: dict[str, Any], spec: PreprocessSpec
     t = cfg.train
     # Ray Train reads the controller's poll interval from this variable only, in the driver
     # when fit() starts the controller; a value the user exported wins.
-    if POLL_ENV not in _USER_ENV:
+    if _USER_POLL is None:
         os.environ[POLL_ENV] = str(float(t.report_poll_s))
     resources = {"CPU": float(t.scaling.cpus_per_worker)}
     if t.scaling.use_gpu:
