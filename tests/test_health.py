@@ -100,8 +100,18 @@ def _ready() -> tuple[int, int]:
             requests.get(f"{URL}/v2/models/{MODEL}/ready", timeout=5).status_code)
 
 
+def _running() -> set[str]:
+    """Replicas of v1 the controller has RUNNING: a replacement is a named actor while it is
+    still STARTING, and killing the only RUNNING one then leaves v1 down, rightly."""
+    from mlplatform import ray_compat
+
+    return {r["actor_name"] for r in ray_compat.serve_replicas(f"{APP}-v1").get("model-v1", [])
+            if r.get("state") == "RUNNING"}
+
+
 def _wait_replicas(n: int) -> None:
-    wait_for(lambda: len(_replicas()) == n and _ready() == (200, 200), timeout=120, interval=0.5)
+    wait_for(lambda: len(_replicas()) == n and len(_running() & set(_replicas())) == n
+             and _ready() == (200, 200), timeout=120, interval=0.5)
 
 
 class Load(ClosedLoop):
