@@ -15,7 +15,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from mlplatform.config import validate
+from mlplatform.config import register_configs, validate
 from mlplatform.errors import ConfigError
 
 
@@ -41,6 +41,7 @@ def _describe(exc: BaseException, overrides: list[str]) -> str:
 
 def compose_checked(config_dir: str, overrides: list[str], config_name: str = "config") -> DictConfig:
     """Compose, resolve and validate; raises ConfigError with one line on any user error."""
+    register_configs()  # the structured schemas conf/ builds on: a fresh (spawned) process has none
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
