@@ -1,6 +1,7 @@
 """The package's shape, read from source with `ast` (no imports, no Ray, well under a second):
 no import cycles between mlplatform modules, counting the imports inside functions that
-would otherwise hide one, and private Ray APIs only behind mlplatform/ray_compat.py."""
+would otherwise hide one, and private Ray APIs only behind mlplatform/ray_compat.py. One
+test imports for real, in a subprocess: the ingress loads without torch."""
 
 from __future__ import annotations
 
@@ -157,3 +158,16 @@ def test_private_ray_apis_only_in_the_adapter() -> None:
     uses = [u for f in files if f not in (ADAPTER, Path(__file__).resolve()) for u in private_ray_uses(f)]
     assert uses == [], "private Ray APIs outside mlplatform/ray_compat.py: " + "; ".join(uses)
     assert private_ray_uses(ADAPTER), "the adapter is where they live (and the check sees them)"
+
+
+def test_the_ingress_loads_without_torch() -> None:
+    """The ingress decodes, resizes, checks and batches; the model replicas run torch. Loading
+    torch there too would cost every ingress replica seconds of start-up and its memory."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mlplatform.deployments.app, mlplatform.deployments.ingress; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout[:300]

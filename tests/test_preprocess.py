@@ -114,3 +114,19 @@ def test_cropped_resize_equals_resize_then_crop(interpolation: str, size: int, r
         got = to_uint8(img, spec).astype(np.int16)
         assert got.shape == expected.shape == (size, size, 3)
         assert np.abs(got - expected).max() <= (0 if interpolation == "nearest" else 1), img.size
+
+
+def test_torch_normalisation_equals_numpys() -> None:
+    """Training, evaluation and serving normalise with torch (a scale and a shift per channel);
+    offline paths with numpy. The same pixels give the same tensor, up to float rounding,
+    and the torch result keeps the channels_last strides the model runs in."""
+    import torch
+
+    from mlplatform.data.preprocess import normalize, normalize_torch, to_uint8
+
+    batch = np.stack([to_uint8(Image.open(io.BytesIO(_encode(_base(), "PNG"))), SPEC),
+                      np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)])
+    batch[0, 0, 0] = (0, 255, 128)  # the extremes of the range
+    got = normalize_torch(torch.from_numpy(batch), SPEC)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(got.numpy(), normalize(batch, SPEC), rtol=0, atol=2e-6)
