@@ -96,15 +96,22 @@ def _tree(pid: int, procs: dict[int, tuple[int, str, float]]) -> list[int]:
     return [p for p in out if p in procs]
 
 
-def _pss_mb(pid: int) -> float:
-    total = 0
-    for p in _tree(pid, _procs()):
+def _pss_by_role(pid: int) -> dict[str, float]:
+    """PSS in MB of the process tree under `pid`, by role."""
+    procs, out = _procs(), {}
+    for p in _tree(pid, procs):
         try:
             text = Path(f"/proc/{p}/smaps_rollup").read_text()
         except OSError:
             continue
-        total += next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)
-    return round(total / 1024, 1)
+        kb = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss:")), 0)
+        role = _role(p, procs[p][1], pid)
+        out[role] = out.get(role, 0.0) + kb / 1024
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def _pss_mb(pid: int) -> float:
+    return round(sum(_pss_by_role(pid).values()), 1)
 
 
 ROLES = (("Ingress", "ingress"), (":model-v", "model replica"), ("DriftMonitor", "drift monitor"),
@@ -200,16 +207,24 @@ def _wait_first_answer(url: str, body: bytes, content_type: str, headers: dict, 
 
 def _race(name: str, cmd: list[str], url: str, requests_: dict[str, tuple[bytes, str]], headers: dict,
           seconds: float, env: dict) -> dict:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    # Its log goes to a file: a pipe nobody reads would block the server once full.
+    log = HERE / "results" / f"race-{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
     try:
         first_body, first_type = next(iter(requests_.values()))
-        cold = _wait_first_answer(url, first_body, first_type, headers, proc)
+        try:
+            cold = _wait_first_answer(url, first_body, first_type, headers, proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; its log ends:\n{log.read_text()[-3000:]}") from None
         out: dict = {"cold_start_s": round(cold, 1), "kinds": {}}
         for body, ctype in requests_.values():  # warm every path, then let it settle
             asyncio.run(_load(url, body, ctype, 4, 2.0, headers))
         out["settle_s"] = _settle(proc.pid)
-        out["idle_pss_mb"] = _pss_mb(proc.pid)
+        out["idle_pss_mb_by_process"] = _pss_by_role(proc.pid)
+        out["idle_pss_mb"] = round(sum(out["idle_pss_mb_by_process"].values()), 1)
         for kind, (body, ctype) in requests_.items():
             rows = {}
             for c in CONCURRENCY:
@@ -320,6 +335,7 @@ def _report(r: dict) -> None:
             web = s["kinds"]["web JPEG 451x300"][32]
             print(f"{server}: cold start {s['cold_start_s']} s, settled after {s.get('settle_s')} s, idle PSS {s['idle_pss_mb']} MB, under load "
                   f"{web['load_pss_mb']} MB; CPU per image at 32 (web JPEG): {web['cpu_ms_per_image']}")
+            print(f"{server}: idle PSS by process, MB: {s['idle_pss_mb_by_process']}")
     if "platform_full_decode" in r:
         (kind, rows), = r["platform_full_decode"]["kinds"].items()
         now, before = r["platform"]["kinds"][kind][32]["images_per_s"], rows[32]["images_per_s"]
