@@ -117,7 +117,7 @@ def test_cropped_resize_equals_resize_then_crop(interpolation: str, size: int, r
 
 
 def test_torch_normalisation_equals_numpys() -> None:
-    """Training, evaluation and serving normalise with torch (a scale and a shift per channel);
+    """Training, evaluation and serving normalise with torch;
     offline paths with numpy. The same pixels give the same tensor, up to float rounding,
     and the torch result keeps the channels_last strides the model runs in."""
     import torch

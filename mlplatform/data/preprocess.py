@@ -107,12 +107,10 @@ def normalize_torch(batch_nhwc: torch.Tensor, spec: PreprocessSpec) -> torch.Ten
     """The same as `normalize`, on a torch uint8 batch (N, H, W, 3), on any device."""
     import torch
 
-    # (x / 255 - mean) / std as one scale and one shift: two passes over the batch, not four
-    # (0.78 -> 0.47 ms per 224 px image on one CPU thread); equal up to float rounding.
-    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=batch_nhwc.device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std, strict=True)],
-                         device=batch_nhwc.device).view(1, 3, 1, 1)
-    return torch.mul(batch_nhwc.permute(0, 3, 1, 2), scale).add_(shift)  # keeps NHWC strides: channels_last
+    x = batch_nhwc.permute(0, 3, 1, 2).float().div_(255.0)  # keeps NHWC strides: channels_last
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 def to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
