@@ -20,8 +20,6 @@ import glob
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -47,39 +45,20 @@ def _pass_sizes() -> list[int]:
 
 def _one(root: str, wait: float, concurrency: int, seconds: float) -> dict:
     body = json.dumps({"image": base64.b64encode(bench_decode.request_kinds()["web JPEG 451x300"]).decode()}).encode()
-    url, headers = "http://127.0.0.1:8791/predict", {"authorization": f"Bearer {R.KEY}"}
-    cmd = [sys.executable, "run.py", "+mode=serve", f"paths.root={root}", "serve.port=8791",
-           "serve.auth.required=true", "logger=none", "serve.versions=[{ref: v1, role: stable, weight: 100}]",
-           "serve.auth.keys=[{id: bench, roles: [predict], rate: 1000000, burst: 1000000, "
-           "secret_env: MLP_BENCH_KEY}]", "serve.auth.client.rate=1000000", "serve.auth.client.burst=1000000",
-           f"serve.batching.batch_wait_timeout_s={wait}"]
-    env = {**os.environ, "MLP_BENCH_KEY": R.KEY, "PYTHONPATH": str(R.ROOT)}
-    log = Path(root) / f"serve-{wait}.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(cmd, cwd=R.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
-    try:
-        try:
-            R._wait_first_answer(url, body, "application/json", headers, proc)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}; its log ends:\n{log.read_text()[-3000:]}") from None
-        asyncio.run(R._load(url, body, "application/json", 8, 3.0, headers))  # warm
+    headers = {"authorization": f"Bearer {R.KEY}"}
+    cmd = [*R.platform_cmd(root), f"serve.batching.batch_wait_timeout_s={wait}"]
+    with R.serving(f"batching-{wait}", cmd, R.server_env(), R.PLATFORM_URL, body, "application/json",
+                   headers) as (proc, _):
+        asyncio.run(R._load(R.PLATFORM_URL, body, "application/json", 8, 3.0, headers))  # warm
         settle = R._settle(proc.pid)
         seen = len(_pass_sizes())
         before = R._cpu(proc.pid)
-        res = asyncio.run(R._load(url, body, "application/json", concurrency, seconds, headers))
+        res = asyncio.run(R._load(R.PLATFORM_URL, body, "application/json", concurrency, seconds, headers))
         res["cpu_ms_per_image"] = R._cpu_ms_per_image(before, R._cpu(proc.pid), res["images"])
         sizes = _pass_sizes()[seen:]
         res["images_per_pass"] = round(len(sizes) / sum(1 / s for s in sizes), 1) if sizes else None
         res["settle_s"] = settle
         return res
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -205,20 +207,53 @@ def _wait_first_answer(url: str, body: bytes, content_type: str, headers: dict, 
     raise RuntimeError(f"no answer from {url} within {timeout} s")
 
 
-def _race(name: str, cmd: list[str], url: str, requests_: dict[str, tuple[bytes, str]], headers: dict,
-          seconds: float, env: dict) -> dict:
+PLATFORM_URL = "http://127.0.0.1:8791/predict"
+
+
+def platform_cmd(root: str) -> list[str]:
+    """`+mode=serve` as deployed: API keys (MLP_BENCH_KEY, no rate limit), capture and drift
+    monitoring on, version v1 of the registry under `root`."""
+    return [sys.executable, "run.py", "+mode=serve", f"paths.root={root}", "serve.port=8791",
+            "serve.auth.required=true", "logger=none", "serve.versions=[{ref: v1, role: stable, weight: 100}]",
+            "serve.auth.keys=[{id: bench, roles: [predict], rate: 1000000, burst: 1000000, "
+            "secret_env: MLP_BENCH_KEY}]", "serve.auth.client.rate=1000000", "serve.auth.client.burst=1000000"]
+
+
+def server_env() -> dict[str, str]:
+    return {**os.environ, "MLP_BENCH_KEY": KEY, "PYTHONPATH": str(ROOT)}
+
+
+@contextlib.contextmanager
+def serving(name: str, cmd: list[str], env: dict, url: str, body: bytes, content_type: str,
+            headers: dict) -> Iterator[tuple[subprocess.Popen, float]]:
+    """The server `cmd` started in a session of its own, up to its first answer: yields the
+    process and its cold start in s; stops it (and the platform's Ray) on leaving."""
     # Its log goes to a file: a pipe nobody reads would block the server once full.
-    log = HERE / "results" / f"race-{name}.log"
+    log = HERE / "results" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
                                 start_new_session=True)
     try:
-        first_body, first_type = next(iter(requests_.values()))
         try:
-            cold = _wait_first_answer(url, first_body, first_type, headers, proc)
+            cold = _wait_first_answer(url, body, content_type, headers, proc)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}; its log ends:\n{log.read_text()[-3000:]}") from None
+        yield proc, cold
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if "run.py" in cmd:
+            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def _race(name: str, cmd: list[str], url: str, requests_: dict[str, tuple[bytes, str]], headers: dict,
+          seconds: float, env: dict) -> dict:
+    first_body, first_type = next(iter(requests_.values()))
+    with serving(f"race-{name}", cmd, env, url, first_body, first_type, headers) as (proc, cold):
         out: dict = {"cold_start_s": round(cold, 1), "kinds": {}}
         for body, ctype in requests_.values():  # warm every path, then let it settle
             asyncio.run(_load(url, body, ctype, 4, 2.0, headers))
@@ -247,14 +282,6 @@ def _race(name: str, cmd: list[str], url: str, requests_: dict[str, tuple[bytes,
             print(f"  {name} {kind}: " + ", ".join(f"c={c} {r['images_per_s']} img/s" for c, r in rows.items()),
                   flush=True)
         return out
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        if name == "platform":
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
 
 
 def main() -> None:
@@ -288,20 +315,16 @@ def main() -> None:
         as_json = {k: (json.dumps({"image": base64.b64encode(v).decode()}).encode(), "application/json")
                    for k, v in kinds.items()}
         raw = {f"{k} (raw bytes)": (v, "image/png" if k.startswith("PNG") else "image/jpeg") for k, v in kinds.items()}
-        env = {**os.environ, "MLP_BENCH_KEY": KEY, "PYTHONPATH": str(ROOT)}
-        platform_cmd = [sys.executable, "run.py", "+mode=serve", f"paths.root={tmp}", "serve.port=8791",
-                        "serve.auth.required=true", "logger=none", "serve.versions=[{ref: v1, role: stable, weight: 100}]",
-                        "serve.auth.keys=[{id: bench, roles: [predict], rate: 1000000, burst: 1000000, "
-                        "secret_env: MLP_BENCH_KEY}]", "serve.auth.client.rate=1000000",
-                        "serve.auth.client.burst=1000000"]
+        env = server_env()
+        served = platform_cmd(tmp)
         print("platform ...", flush=True)
-        results["platform"] = _race("platform", platform_cmd, "http://127.0.0.1:8791/predict", {**as_json, **raw},
+        results["platform"] = _race("platform", served, PLATFORM_URL, {**as_json, **raw},
                                     {"authorization": f"Bearer {KEY}"}, args.seconds, env)
         # Today's baseline for the phone photo: the platform decoding it in full.
         phone = next(k for k in raw if k.startswith("phone"))
         print("platform, full decoding ...", flush=True)
-        results["platform_full_decode"] = _race("platform", [*platform_cmd, "serve.inputs.reduced_decode=false"],
-                                                "http://127.0.0.1:8791/predict", {phone: raw[phone]},
+        results["platform_full_decode"] = _race("platform", [*served, "serve.inputs.reduced_decode=false"],
+                                                PLATFORM_URL, {phone: raw[phone]},
                                                 {"authorization": f"Bearer {KEY}"}, args.seconds, env)
         if not args.platform_only:
             print("LitServe ...", flush=True)
