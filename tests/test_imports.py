@@ -1,7 +1,8 @@
 """The package's shape, read from source with `ast` (no imports, no Ray, well under a second):
 no import cycles between mlplatform modules, counting the imports inside functions that
-would otherwise hide one, and private Ray APIs only behind mlplatform/ray_compat.py. One
-test imports for real, in a subprocess: the ingress loads without torch."""
+would otherwise hide one, and private Ray APIs only behind mlplatform/ray_compat.py. Two
+tests import for real, in a subprocess: the ingress, and the serve launcher's resolution of
+its config, load without torch."""
 
 from __future__ import annotations
 
@@ -170,4 +171,29 @@ def test_the_ingress_loads_without_torch() -> None:
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout[:300]
+
+
+def test_the_serve_launcher_resolves_without_torch(tmp_path: Path) -> None:
+    """`+mode=serve`'s driver checks each version's weights by their sha256 and builds the
+    deploy config; importing torch there would add seconds to every cold start and hundreds
+    of MB to a process that stays up as long as the platform."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from mlplatform.registry.store import Registry
+
+    Registry(str(tmp_path / "registry"), "species-classifier").register({"w": torch.zeros(4)}, {})
+    code = ("import sys\n"
+            "from mlplatform.cli_check import compose_checked\n"
+            "from mlplatform.deployments.serve_mode import Resolved, deploy_schema, resolve_settings\n"
+            f"cfg = compose_checked({str(ROOT / 'conf')!r}, ['+mode=serve', 'paths.root={tmp_path}', "
+            "'serve.versions=[{ref: v1, role: stable, weight: 100}]'])\n"
+            "r = resolve_settings(cfg)\n"
+            "assert [a.name for a in deploy_schema(cfg, r).applications][1:] == ['species-v1'], deploy_schema(cfg, r)\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout[:300]

@@ -315,6 +315,8 @@ def test_checksum_mismatch_refuses_to_load(tmp_path) -> None:
     assert v in msg and sha in msg and reg.path(v, "model.safetensors") not in msg
     with pytest.raises(ChecksumError):
         reg.read_file(v, "model.safetensors")
+    with pytest.raises(ChecksumError, match=sha):
+        reg.verify_weights(v)
 
     card = tmp_path / "m" / v / "label_map.json"
     os.chmod(card, 0o644)

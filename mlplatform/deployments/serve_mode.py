@@ -47,7 +47,7 @@ def resolve_settings(cfg: DictConfig, read_secrets: bool = True) -> Resolved:
     def version_of(key: str, item: DictConfig) -> str:
         try:
             version = reg.resolve(item.ref)
-            reg.load_state_dict(version)  # never serve a version whose checksum fails
+            reg.verify_weights(version)  # never serve a version whose checksum fails
         except ChecksumError as exc:
             raise JobFailed(f"refusing to serve {item.ref}: {exc}", {"mode": "serve"}) from None
         except RegistryError as exc:

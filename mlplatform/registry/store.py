@@ -261,6 +261,13 @@ class Registry:
                 f"recorded {expected}, found {actual}; refusing to use a corrupted file")
         return data
 
+    def verify_weights(self, ref: str) -> str:
+        """Check a version's weights against their recorded sha256 without deserialising them
+        (no torch in the caller); returns the version. Raises ChecksumError."""
+        record = self.get(ref)
+        self._verified_bytes(record, record.get("weights", WEIGHTS), record["weights_sha256"])
+        return record["version"]
+
     def load_state_dict(self, ref: str) -> dict[str, torch.Tensor]:
         """The weights of a version, sha256-verified BEFORE deserialising.
 
