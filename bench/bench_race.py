@@ -13,6 +13,8 @@ Measured in the same run:
 - (b) decode plus resize alone per image for each kind, full and reduced-scale (bench_decode);
 - the platform with `serve.inputs.reduced_decode=false` on the phone photo (the baseline of
   reduced-scale decoding);
+- the platform with `monitor=scipy` (the drift backend without alibi-detect): cold start and
+  idle memory only;
 - for each server: cold start (launch to the first answer), img/s and p50/p99 at concurrency
   1, 8 and 32 per kind, server CPU per image split by process, and memory (PSS of the server's
   whole process tree) idle and under load.
@@ -251,7 +253,8 @@ def serving(name: str, cmd: list[str], env: dict, url: str, body: bytes, content
 
 
 def _race(name: str, cmd: list[str], url: str, requests_: dict[str, tuple[bytes, str]], headers: dict,
-          seconds: float, env: dict) -> dict:
+          seconds: float, env: dict, load: bool = True) -> dict:
+    """Cold start, idle PSS and, with `load`, every request kind at each concurrency."""
     first_body, first_type = next(iter(requests_.values()))
     with serving(f"race-{name}", cmd, env, url, first_body, first_type, headers) as (proc, cold):
         out: dict = {"cold_start_s": round(cold, 1), "kinds": {}}
@@ -260,7 +263,7 @@ def _race(name: str, cmd: list[str], url: str, requests_: dict[str, tuple[bytes,
         out["settle_s"] = _settle(proc.pid)
         out["idle_pss_mb_by_process"] = _pss_by_role(proc.pid)
         out["idle_pss_mb"] = round(sum(out["idle_pss_mb_by_process"].values()), 1)
-        for kind, (body, ctype) in requests_.items():
+        for kind, (body, ctype) in requests_.items() if load else ():
             rows = {}
             for c in CONCURRENCY:
                 before = _cpu(proc.pid)
@@ -326,6 +329,12 @@ def main() -> None:
         results["platform_full_decode"] = _race("platform", [*served, "serve.inputs.reduced_decode=false"],
                                                 PLATFORM_URL, {phone: raw[phone]},
                                                 {"authorization": f"Bearer {KEY}"}, args.seconds, env)
+        # The footprint with the permissively licensed drift backend: no alibi-detect, so the
+        # monitor's process loads neither torch nor transformers.
+        print("platform, monitor=scipy (start and footprint) ...", flush=True)
+        results["platform_scipy_monitor"] = _race("platform", [*served, "monitor=scipy"], PLATFORM_URL,
+                                                  {**as_json, **raw}, {"authorization": f"Bearer {KEY}"},
+                                                  args.seconds, env, load=False)
         if not args.platform_only:
             print("LitServe ...", flush=True)
             lit_cmd = [sys.executable, str(HERE / "peers" / "litserve_app.py"), "--registry", registry,
@@ -359,6 +368,10 @@ def _report(r: dict) -> None:
             print(f"{server}: cold start {s['cold_start_s']} s, settled after {s.get('settle_s')} s, idle PSS {s['idle_pss_mb']} MB, under load "
                   f"{web['load_pss_mb']} MB; CPU per image at 32 (web JPEG): {web['cpu_ms_per_image']}")
             print(f"{server}: idle PSS by process, MB: {s['idle_pss_mb_by_process']}")
+    if "platform_scipy_monitor" in r:
+        s = r["platform_scipy_monitor"]
+        print(f"platform, monitor=scipy: cold start {s['cold_start_s']} s, idle PSS {s['idle_pss_mb']} MB: "
+              f"{s['idle_pss_mb_by_process']}")
     if "platform_full_decode" in r:
         (kind, rows), = r["platform_full_decode"]["kinds"].items()
         now, before = r["platform"]["kinds"][kind][32]["images_per_s"], rows[32]["images_per_s"]
