@@ -457,6 +457,64 @@ def test_base64_rejected(text: str, status: int, code: str) -> None:
     assert (e.status, e.code) == (status, code)
 
 
+def _reference_b64(text: str, max_bytes: int) -> bytes:
+    """The decoder's rules in their plainest form (no data URIs): whitespace out, padding
+    off, one alphabet by regex, then a strict decode. The fast path must agree with it."""
+    import binascii
+    import re
+
+    payload = "".join(text.strip().split()).rstrip("=")
+    if 3 * len(payload) // 4 > max_bytes:
+        raise InputError(413, "too_many_bytes", "")
+    if not payload or len(payload) % 4 == 1:
+        raise InputError(400, "bad_base64", "")
+    if re.fullmatch(r"[A-Za-z0-9+/]*", payload):
+        alt = None
+    elif re.fullmatch(r"[A-Za-z0-9\-_]*", payload):
+        alt = b"-_"
+    else:
+        raise InputError(400, "bad_base64", "")
+    try:
+        out = base64.b64decode(payload + "=" * (-len(payload) % 4), altchars=alt, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(400, "bad_base64", "") from None
+    if len(out) > max_bytes:
+        raise InputError(413, "too_many_bytes", "")
+    return out
+
+
+def test_base64_fast_path_agrees_with_the_plain_rules() -> None:
+    """Random texts built from both alphabets, padding, whitespace and stray characters:
+    the same bytes, or the same status and code, as the plain rules."""
+    rng = np.random.default_rng(7)
+    pieces = [*"ABCxyz019+/-_=", " ", "\n", "\t", "!", "é", "=="]
+    outcomes = set()
+    for _ in range(3000):
+        raw = rng.bytes(int(rng.integers(0, 40)))
+        text = (base64.b64encode if rng.random() < 0.5 else base64.urlsafe_b64encode)(raw).decode()
+        chars = list(text)
+        for _ in range(int(rng.integers(0, 3))):  # mutate: insert, replace or delete
+            i = int(rng.integers(0, len(chars) + 1))
+            op = rng.integers(0, 3)
+            if op == 0:
+                chars.insert(i, str(rng.choice(pieces)))
+            elif chars and i < len(chars):
+                chars[i] = str(rng.choice(pieces)) if op == 1 else ""
+        text = "".join(chars)
+        limit = int(rng.integers(0, 40))
+        try:
+            want = _reference_b64(text, limit)
+        except InputError as e:
+            want = (e.status, e.code)
+        try:
+            got = parse_base64_image(text, limit)
+        except InputError as e:
+            got = (e.status, e.code)
+        assert got == want, (text, limit)
+        outcomes.add(want if isinstance(want, tuple) else "ok")
+    assert outcomes == {"ok", (400, "bad_base64"), (413, "too_many_bytes")}  # every branch was reached
+
+
 def test_base64_non_string_is_400() -> None:
     assert _err(parse_base64_image, 12345, 1000).code == "bad_base64"
     assert _err(parse_base64_image, None, 1000).code == "bad_base64"

@@ -11,7 +11,6 @@ whatever the request claimed. So:
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from typing import Any
@@ -25,12 +24,45 @@ __all__ = ["IMAGE_CONTENT_TYPES", "check_content_type", "parse_base64_image", "p
 
 # ----------------------------------------------------------------------------- base64
 
-_B64_STD = re.compile(r"[A-Za-z0-9+/]*")
 _B64_URL = re.compile(r"[A-Za-z0-9\-_]*")
 
 
 def _bad_b64(message: str) -> InputError:
     return InputError(400, "bad_base64", message)
+
+
+def _decode_plain(payload: str, max_bytes: int) -> bytes | None:
+    """The common case, at C speed: standard base64 in one piece, checked by the decoder
+    itself (validate=True). A regex over the text first cost 5 ms per MB and joining it
+    around whitespace 0.6: most of what a phone photo's JSON body took. None: not this case."""
+    if not payload or 3 * len(payload) // 4 > max_bytes or len(payload) % 4 == 1:
+        return None
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except ValueError:  # binascii.Error, or a str that is not ASCII
+        return None
+
+
+def _decode_checked(payload: str, max_bytes: int) -> bytes:
+    """`payload` without whitespace or padding, either alphabet; every failure named."""
+    if 3 * len(payload) // 4 > max_bytes:
+        raise InputError(413, "too_many_bytes",
+                         f"The base64 image decodes to about {3 * len(payload) // 4} bytes; "
+                         f"the limit is {max_bytes}.")
+    if not payload:
+        raise _bad_b64("The base64 image is empty.")
+    if len(payload) % 4 == 1:
+        raise _bad_b64("The base64 text has an impossible length (truncated?).")
+    padded = payload + "=" * (-len(payload) % 4)
+    try:
+        return base64.b64decode(padded, validate=True)
+    except ValueError:
+        if not _B64_URL.fullmatch(payload):
+            raise _bad_b64("The text is not valid base64 (unexpected characters).") from None
+    try:
+        return base64.b64decode(padded, altchars=b"-_", validate=True)
+    except ValueError:
+        raise _bad_b64("The text is not valid base64.") from None
 
 
 def parse_base64_image(value: str, max_bytes: int) -> bytes:
@@ -56,25 +88,9 @@ def parse_base64_image(value: str, max_bytes: int) -> bytes:
             raise _bad_b64("The data URI must be base64-encoded (data:image/...;base64,...).")
         if "%" in payload:  # '%' is not in either alphabet: percent-encoding is safe to undo
             payload = unquote(payload)
-    payload = "".join(payload.split()).rstrip("=")
-    if 3 * len(payload) // 4 > max_bytes:
-        raise InputError(413, "too_many_bytes",
-                         f"The base64 image decodes to about {3 * len(payload) // 4} bytes; "
-                         f"the limit is {max_bytes}.")
-    if not payload:
-        raise _bad_b64("The base64 image is empty.")
-    if len(payload) % 4 == 1:
-        raise _bad_b64("The base64 text has an impossible length (truncated?).")
-    if _B64_STD.fullmatch(payload):
-        altchars = None
-    elif _B64_URL.fullmatch(payload):
-        altchars = b"-_"
-    else:
-        raise _bad_b64("The text is not valid base64 (unexpected characters).")
-    try:
-        out = base64.b64decode(payload + "=" * (-len(payload) % 4), altchars=altchars, validate=True)
-    except (binascii.Error, ValueError):
-        raise _bad_b64("The text is not valid base64.") from None
+    out = _decode_plain(payload.rstrip("="), max_bytes)
+    if out is None:  # whitespace inside, the URL-safe alphabet, or an error to name
+        out = _decode_checked("".join(payload.split()).rstrip("="), max_bytes)
     if len(out) > max_bytes:
         raise InputError(413, "too_many_bytes",
                          f"The image is {len(out)} bytes; the limit is {max_bytes}.")
