@@ -189,6 +189,8 @@ def test_heavy_traffic_scores_the_newest_windows_only(tmp_path: Path) -> None:
     ("monitor.window_size=0", "monitor.window_size"),
     ("monitor.alerts.action=page", "monitor.alerts.action"),
     ("monitor.capture.sample_images=1.5", "monitor.capture.sample_images"),
+    ("monitor.capture.image_cache_mb=-1", "monitor.capture.image_cache_mb"),
+    ("monitor.capture.image_cache=-5", "monitor.capture.image_cache"),
     ("monitor.p_val_budget=0", "monitor.p_val_budget"),
     ("monitor.detectors.online.n_bootstraps=10", "monitor.detectors.online.n_bootstraps"),
     ("+monitor.detectors.bad={p_val:0.1}", "monitor.detectors.bad"),

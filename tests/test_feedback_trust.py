@@ -132,11 +132,11 @@ def test_feedback_files_written_before_key_ids_stay_readable(tmp_path: Path) -> 
     assert old_only.column("key_id").to_pylist() == [None]
 
 
-def _index(root: Path):
+def _index(root: Path, *overrides: str):
     from mlplatform.deployments.feedback import FeedbackIndex
     from mlplatform.deployments.settings import Capture
 
-    cap = OmegaConf.to_container(compose().monitor.capture, resolve=True)
+    cap = OmegaConf.to_container(compose(*overrides).monitor.capture, resolve=True)
     capture = Capture.model_validate({**cap, "root": str(root)})
     writer = CaptureWriter(str(root), flush_interval_s=3600, sample_images=0.0)
     return FeedbackIndex(capture, writer, CaptureStore(str(root)), ingress_replicas=lambda: 1), writer
@@ -163,6 +163,33 @@ def test_a_label_past_its_window_is_refused_and_a_label_keeps_its_key(tmp_path: 
     writer.close()
     (label,) = CaptureStore(str(tmp_path)).feedback().to_pylist()
     assert (label["key_id"], label["label"]) == ("alice", SPECIES[0]) and label["ts"] > entry["ts"]
+
+
+def test_the_feedback_image_cache_is_bounded_in_bytes(tmp_path: Path) -> None:
+    """Phone photos are megabytes: the cache evicts the oldest images past
+    monitor.capture.image_cache_mb as well as past image_cache, and a label for an evicted
+    request is stored without its image."""
+    index, writer = _index(tmp_path, "monitor.capture.image_cache=100", "monitor.capture.image_cache_mb=0.0025")
+    now = time.time()
+    for i in range(5):  # 1,000 bytes each: the last two fit in 2,500
+        index.remember(f"r{i}", _prediction(f"r{i}", SPECIES[0], now), bytes([i]) * 1000, sampled=False)
+    assert list(index.images) == ["r3", "r4"] and index.image_bytes == 2000
+    index.remember("r4", _prediction("r4", SPECIES[0], now), b"x" * 1600, sampled=False)  # the same id again
+    assert list(index.images) == ["r4"] and index.image_bytes == 1600
+    index.remember("big", _prediction("big", SPECIES[0], now), b"y" * 3000, sampled=False)  # alone over the bound
+    assert list(index.images) == [] and index.image_bytes == 0
+    for rid in ("r0", "r4"):
+        index.record(rid, SPECIES[0], asyncio.run(index.find(rid)), "alice")
+    writer.close()
+    assert all(r["image_path"] is None for r in CaptureStore(str(tmp_path)).feedback().to_pylist())
+    index, writer = _index(tmp_path / "count", "monitor.capture.image_cache=2")
+    for i in range(4):
+        index.remember(f"r{i}", _prediction(f"r{i}", SPECIES[0], now), b"z" * 10, sampled=False)
+    assert list(index.images) == ["r2", "r3"] and index.image_bytes == 20
+    index.record("r3", SPECIES[0], asyncio.run(index.find("r3")), None)
+    writer.close()
+    (label,) = CaptureStore(str(tmp_path / "count")).feedback().to_pylist()
+    assert label["image_path"]  # a cached image is stored with its label
 
 
 def _monitor(tmp_path: Path, action: str = "retrain") -> Monitor:

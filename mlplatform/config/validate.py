@@ -346,6 +346,9 @@ def validate_monitor(m: DictConfig) -> None:
     _positive("monitor.alerts.feedback_flood_labels", m.alerts.feedback_flood_labels)
     _positive("monitor.alerts.feedback_flood_interval_s", m.alerts.feedback_flood_interval_s)
     _positive("monitor.capture.lookup_days", m.capture.lookup_days)
+    for key in ("image_cache", "image_cache_mb"):
+        if not m.capture[key] >= 0:  # NaN too
+            raise ConfigError(f"monitor.capture.{key}", m.capture[key], "must be 0 (no cache) or more")
     _positive("monitor.quality.window", m.quality.window)
     if not 0 <= m.quality.min_accuracy <= 1:
         raise ConfigError("monitor.quality.min_accuracy", m.quality.min_accuracy, "must be in [0, 1]")

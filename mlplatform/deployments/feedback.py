@@ -28,6 +28,7 @@ class FeedbackIndex:
         self.cap, self.writer, self.store, self.replicas = capture, writer, store, ingress_replicas
         self.index: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.images: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self.image_bytes = 0  # of self.images: bounded too, as one image may be megabytes
 
     @property
     def lookup_days(self) -> int:
@@ -40,9 +41,13 @@ class FeedbackIndex:
         while len(self.index) > self.cap.index_size:
             self.index.popitem(last=False)
         if data is not None and not sampled and self.cap.store_feedback_images:
+            old = self.images.pop(request_id, None)
+            self.image_bytes += len(data) - (len(old[0]) if old else 0)
             self.images[request_id] = (data, record["format"])
-            while len(self.images) > self.cap.image_cache:
-                self.images.popitem(last=False)
+            limit = self.cap.image_cache_mb * 1e6
+            while self.images and (len(self.images) > self.cap.image_cache or self.image_bytes > limit):
+                _, (evicted, _) = self.images.popitem(last=False)
+                self.image_bytes -= len(evicted)
 
     async def find(self, request_id: str) -> dict[str, Any]:
         """The prediction a label is for, served within `lookup_days`; else the contract's
