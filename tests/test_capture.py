@@ -191,6 +191,8 @@ def test_heavy_traffic_scores_the_newest_windows_only(tmp_path: Path) -> None:
     ("monitor.capture.sample_images=1.5", "monitor.capture.sample_images"),
     ("monitor.capture.image_cache_mb=-1", "monitor.capture.image_cache_mb"),
     ("monitor.capture.image_cache=-5", "monitor.capture.image_cache"),
+    ("monitor.nice=-5", "monitor.nice"),
+    ("monitor.nice=25", "monitor.nice"),
     ("monitor.p_val_budget=0", "monitor.p_val_budget"),
     ("monitor.detectors.online.n_bootstraps=10", "monitor.detectors.online.n_bootstraps"),
     ("+monitor.detectors.bad={p_val:0.1}", "monitor.detectors.bad"),

@@ -346,6 +346,8 @@ def validate_monitor(m: DictConfig) -> None:
     _positive("monitor.alerts.feedback_flood_labels", m.alerts.feedback_flood_labels)
     _positive("monitor.alerts.feedback_flood_interval_s", m.alerts.feedback_flood_interval_s)
     _positive("monitor.capture.lookup_days", m.capture.lookup_days)
+    if not 0 <= m.nice <= 19:  # a negative nice would put the monitor above the request path
+        raise ConfigError("monitor.nice", m.nice, "must be in [0, 19]")
     for key in ("image_cache", "image_cache_mb"):
         if not m.capture[key] >= 0:  # NaN too
             raise ConfigError(f"monitor.capture.{key}", m.capture[key], "must be 0 (no cache) or more")
