@@ -455,7 +455,7 @@ class CaptureConf:
     # Store the image of a request that gets feedback (from a bounded in-memory cache), so
     # labelled production data can be trained on (data=captured).
     store_feedback_images: bool = MISSING
-    image_cache: int = MISSING  # images, and at most image_cache_mb of them, per ingress replica
+    image_cache: int = MISSING  # at most this many images, and image_cache_mb MB, per ingress replica
     image_cache_mb: float = MISSING
     # Recent request ids kept in memory for /feedback; older ones are looked up in storage.
     index_size: int = MISSING
